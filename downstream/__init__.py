@@ -1,0 +1,1 @@
+"""Downstream application: the task registry, fine-tune strategies, tasks and their CLI."""

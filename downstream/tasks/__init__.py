@@ -1,0 +1,1 @@
+"""Downstream tasks, one module each, registered with `downstream.registry.register_task`."""

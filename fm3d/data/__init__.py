@@ -1,0 +1,1 @@
+"""CT volumes: reading, canonical preprocessing, the prepared cache, crops, datasets, demo cohort."""

@@ -1,0 +1,1 @@
+"""Evaluation metrics shared by pretraining and downstream tasks (survival metrics live in `ehr`)."""

@@ -1,0 +1,1 @@
+"""Encoder families, attention backends and the encoder registry."""

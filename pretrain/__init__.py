@@ -1,0 +1,1 @@
+"""Pretraining application: objectives, the PretrainModule and its LightningCLI."""

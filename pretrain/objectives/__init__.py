@@ -1,0 +1,1 @@
+"""Pretraining objectives, each an nn.Module: forward(batch, encoder_output) -> (loss, metrics)."""
