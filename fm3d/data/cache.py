@@ -1,0 +1,146 @@
+"""Read side of a prepared cache: memory-mapped int16 studies and their index.
+
+`fm3d prepare` writes the cache; datasets read it through `PreparedCache`. Layout::
+
+    ROOT/index.parquet            one row per study (schema below)
+    ROOT/studies/<study_id>.npy   int16 HU, [D, H, W] = (z, y, x) of the RAS-canonical volume
+    ROOT/labels/<study_id>.npy    optional label map on the same grid (integer dtype)
+    ROOT/failures.parquet         studies that could not be prepared (study_id, source, error)
+
+Index columns (`INDEX_COLUMNS`): study_id, patient_id, status ("ok" for usable rows),
+image_file and label_file (paths relative to ROOT; label_file null without a label),
+shape [D, H, W], spacing [D, H, W] in mm, affine (16 floats, row-major 4x4 mapping a
+[d, h, w] index to RAS world mm), hu_p1, hu_p50, hu_p99, source_path, source_hash,
+settings (JSON of the preprocessing settings), record (JSON preprocessing record, see
+`fm3d.data.preprocess.PreprocessRecord`), plus every extra manifest column.
+
+Images come back as read-only memory maps, so a dataset that crops before copying only
+touches the slab it reads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from fm3d.data.errors import CacheError
+
+INDEX_FILE = "index.parquet"
+FAILURES_FILE = "failures.parquet"
+STUDIES_DIR = "studies"
+LABELS_DIR = "labels"
+
+INDEX_COLUMNS: tuple[str, ...] = (
+    "study_id",
+    "patient_id",
+    "status",
+    "image_file",
+    "label_file",
+    "shape",
+    "spacing",
+    "affine",
+    "hu_p1",
+    "hu_p50",
+    "hu_p99",
+    "source_path",
+    "source_hash",
+    "settings",
+    "record",
+)
+
+
+class PreparedCache:
+    """A folder written by `fm3d prepare`, opened for reading.
+
+    `index` holds only usable studies (status == "ok"); `image` and `label` return
+    memory maps of the stored arrays, never copies.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        index_path = self.root / INDEX_FILE
+        if not index_path.is_file():
+            raise CacheError(
+                self.root,
+                f"no {INDEX_FILE} in it, so it is not a prepared cache",
+                "create one with `fm3d prepare --manifest MANIFEST --out DIR`",
+            )
+        try:
+            index = pl.read_parquet(index_path)
+        except Exception as exc:  # pyarrow/polars raise several types for a damaged file
+            raise CacheError(
+                index_path, f"cannot be read as parquet ({exc})", "re-run `fm3d prepare` on this folder"
+            ) from exc
+        missing = [c for c in INDEX_COLUMNS if c not in index.columns]
+        if missing:
+            raise CacheError(
+                index_path,
+                f"lacks the index columns {missing}",
+                "it was not written by `fm3d prepare`; re-run it into a fresh folder",
+            )
+        self.index: pl.DataFrame = index.filter(pl.col("status") == "ok")
+        self.study_ids: list[str] = self.index["study_id"].to_list()
+        self._rows: dict[str, dict[str, Any]] = {
+            row["study_id"]: row for row in self.index.iter_rows(named=True)
+        }
+
+    def __len__(self) -> int:
+        return len(self.study_ids)
+
+    def __contains__(self, study_id: object) -> bool:
+        return study_id in self._rows
+
+    def __repr__(self) -> str:
+        return f"PreparedCache({str(self.root)!r}, studies={len(self)})"
+
+    def row(self, study_id: str) -> dict[str, Any]:
+        """The study's index row as a dict (extra manifest columns included)."""
+        try:
+            return self._rows[study_id]
+        except KeyError:
+            raise KeyError(
+                f"study {study_id!r} is not a prepared study in {self.root} "
+                f"({len(self)} studies; see {FAILURES_FILE} for those that failed)"
+            ) from None
+
+    def image(self, study_id: str) -> np.ndarray:
+        """The study's int16 HU volume [D, H, W] as a read-only memory map."""
+        return self._load(self.row(study_id)["image_file"])
+
+    def label(self, study_id: str) -> np.ndarray | None:
+        """The study's label map [D, H, W] as a read-only memory map, or None without one."""
+        label_file = self.row(study_id)["label_file"]
+        return None if label_file is None else self._load(label_file)
+
+    def spacing(self, study_id: str) -> tuple[float, float, float]:
+        """Voxel spacing in mm, (D, H, W) order."""
+        d, h, w = self.row(study_id)["spacing"]
+        return (float(d), float(h), float(w))
+
+    def shape(self, study_id: str) -> tuple[int, int, int]:
+        """Array shape (D, H, W) without opening the array."""
+        d, h, w = self.row(study_id)["shape"]
+        return (int(d), int(h), int(w))
+
+    def affine(self, study_id: str) -> np.ndarray:
+        """4x4 matrix mapping a [d, h, w] index of the prepared array to RAS world mm."""
+        return np.asarray(self.row(study_id)["affine"], dtype=np.float64).reshape(4, 4)
+
+    def record(self, study_id: str) -> dict[str, Any]:
+        """The preprocessing record (JSON-decoded) that `invert_preprocessing` needs."""
+        return json.loads(self.row(study_id)["record"])
+
+    def _load(self, relative: str) -> np.ndarray:
+        path = self.root / relative
+        try:
+            return np.load(path, mmap_mode="r")
+        except FileNotFoundError:
+            raise CacheError(
+                path, "is listed in the index but missing", "re-run `fm3d prepare` on this folder"
+            ) from None
+        except ValueError as exc:
+            raise CacheError(path, f"is not a readable .npy file ({exc})", "re-run `fm3d prepare`") from exc
