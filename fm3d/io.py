@@ -1,0 +1,146 @@
+"""Save and load encoders: a folder of `config.json` + `model.safetensors`, Lightning `.ckpt`, peers' weights.
+
+Nothing is unpickled by default: checkpoints are read with `torch.load(weights_only=True)`
+and anything that needs arbitrary objects is refused (`UnsafeCheckpointError`) unless the
+caller opts in with `trust_pickle=True`. Peers' published weights (MONAI ViT/UNETR,
+VoCo/SwinUNETR, M3D-CLIP, Merlin) are handed to `fm3d.models.adapters.load_peer_encoder`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from fm3d.models.registry import encoder_from_config
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+CKPT_CONFIG_KEY = "fm3d_encoder_config"
+CKPT_PREFIX = "encoder."
+
+
+class EncoderLoadError(RuntimeError):
+    """An encoder file or folder that cannot be read or does not match its config."""
+
+
+class UnsafeCheckpointError(EncoderLoadError):
+    """A checkpoint that holds arbitrary pickled objects, refused unless `trust_pickle=True`."""
+
+
+def save_encoder(encoder: nn.Module, directory: str | Path) -> Path:
+    """Write `encoder` to `directory` as config.json (family, sizes, preprocessing) + model.safetensors."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = encoder.config.to_dict()
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in encoder.state_dict().items()}
+    save_file(state, directory / WEIGHTS_FILE, metadata={"format": "pt", "fm3d_name": config["name"]})
+    logger.info("saved encoder %s to %s", config["name"], directory)
+    return directory
+
+
+def _load_strict(encoder: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    result = encoder.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise EncoderLoadError(
+            f"{source}: weights do not match the {encoder.config.name} config. "
+            f"Missing: {result.missing_keys[:20]}{' ...' if len(result.missing_keys) > 20 else ''}; "
+            f"unexpected: {result.unexpected_keys[:20]}{' ...' if len(result.unexpected_keys) > 20 else ''}."
+        )
+
+
+def _torch_load(path: Path, trust_pickle: bool, map_location: str | torch.device) -> Any:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        if not trust_pickle:
+            raise UnsafeCheckpointError(
+                f"{path} holds pickled Python objects that weights-only loading refuses ({error}). "
+                "Loading it would run arbitrary code from the file; if you trust its source, call "
+                "load_encoder(..., trust_pickle=True)."
+            ) from error
+    logger.warning("unpickling %s with weights_only=False because trust_pickle=True", path)
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def _load_native(directory: Path, map_location: str | torch.device) -> nn.Module:
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise EncoderLoadError(f"{directory} has {CONFIG_FILE} but no {WEIGHTS_FILE}; re-export the encoder.")
+    encoder = encoder_from_config(json.loads((directory / CONFIG_FILE).read_text()))
+    _load_strict(encoder, load_file(weights, device=str(map_location)), weights)
+    return encoder
+
+
+def _load_lightning(checkpoint: dict[str, Any], path: Path) -> nn.Module:
+    if CKPT_CONFIG_KEY not in checkpoint or "state_dict" not in checkpoint:
+        raise EncoderLoadError(
+            f"{path} is not an fm3d Lightning checkpoint (no '{CKPT_CONFIG_KEY}' / 'state_dict'); "
+            "pass format=... for a peer's weights."
+        )
+    encoder = encoder_from_config(checkpoint[CKPT_CONFIG_KEY])
+    state = {
+        key[len(CKPT_PREFIX) :]: value
+        for key, value in checkpoint["state_dict"].items()
+        if key.startswith(CKPT_PREFIX)
+    }
+    if not state:
+        raise EncoderLoadError(f"{path}: the checkpoint's state_dict has no '{CKPT_PREFIX}*' keys.")
+    _load_strict(encoder, state, path)
+    return encoder
+
+
+def _load_peer(path: Path, format: str, state_dict: Any) -> nn.Module:
+    try:
+        adapters = importlib.import_module("fm3d.models.adapters")
+    except ModuleNotFoundError as error:
+        if error.name != "fm3d.models.adapters":
+            raise
+        raise EncoderLoadError(
+            f"{path} is not an fm3d encoder (no {CONFIG_FILE}, no '{CKPT_CONFIG_KEY}'), and the peer-weight "
+            "adapters (fm3d.models.adapters) are not part of this installation."
+        ) from error
+    return adapters.load_peer_encoder(path, format=format, state_dict=state_dict)
+
+
+def load_encoder(
+    path: str | Path,
+    *,
+    format: str = "auto",
+    trust_pickle: bool = False,
+    map_location: str | torch.device = "cpu",
+) -> nn.Module:
+    """Load an encoder from an fm3d folder, an fm3d Lightning `.ckpt`, or a peer's published weights.
+
+    format: "auto" (detect), "fm3d" (export folder), "lightning" (fm3d `.ckpt`), or a peer
+    format that `fm3d.models.adapters` knows (e.g. "monai_vit", "voco").
+    """
+    path = Path(path)
+    if not path.exists():
+        raise EncoderLoadError(f"{path} does not exist.")
+    if path.is_dir():
+        if format in ("auto", "fm3d") and (path / CONFIG_FILE).is_file():
+            return _load_native(path, map_location)
+        if format == "fm3d":
+            raise EncoderLoadError(f"{path} has no {CONFIG_FILE}; it is not an fm3d encoder folder.")
+        return _load_peer(path, format, None)
+    if format == "fm3d":
+        raise EncoderLoadError(f"{path} is a file; format='fm3d' expects an export folder.")
+    if path.suffix == ".safetensors":
+        content: Any = load_file(path, device=str(map_location))
+    else:
+        content = _torch_load(path, trust_pickle, map_location)
+    is_fm3d_ckpt = isinstance(content, dict) and CKPT_CONFIG_KEY in content
+    if format == "lightning" or (format == "auto" and is_fm3d_ckpt):
+        return _load_lightning(content, path)
+    return _load_peer(path, format, content)

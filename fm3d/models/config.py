@@ -1,0 +1,168 @@
+"""Encoder configurations: one JSON-serialisable dataclass per encoder family.
+
+A config travels with the weights (`config.json` beside `model.safetensors`, or
+`"fm3d_encoder_config"` inside a Lightning checkpoint), so it also carries the preprocessing
+the weights expect (`target_spacing_mm`, `hu_window`), as timm's `pretrained_cfg` does.
+Sizes are in (D, H, W) order, like every array in fm3d.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+
+class EncoderConfigError(ValueError):
+    """A configuration value or override that cannot build an encoder."""
+
+
+class EncoderInputError(ValueError):
+    """An input volume whose shape the encoder cannot take (wrong rank or not divisible)."""
+
+
+AttentionBackendName = Literal["auto", "xformers", "sdpa", "math"]
+
+
+@dataclass
+class EncoderConfig:
+    """Fields every encoder family shares: identity, input channels and preprocessing."""
+
+    family: ClassVar[str] = ""
+    name: str = ""
+    in_chans: int = 1
+    # Voxel spacing (D, H, W) in mm and HU clipping window the weights were trained with.
+    target_spacing_mm: tuple[float, float, float] = (3.0, 1.5, 1.5)
+    hu_window: tuple[float, float] = (-1000.0, 1000.0)
+    # Indices of the hidden states `forward` returns when called without `hidden_layers`.
+    hidden_layers: tuple[int, ...] = ()
+    grad_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        # JSON turns tuples into lists; normalise so configs compare equal after a round trip.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list):
+                setattr(self, f.name, tuple(value))
+        self.target_spacing_mm = tuple(float(s) for s in self.target_spacing_mm)
+        self.hu_window = tuple(float(h) for h in self.hu_window)
+        if len(self.target_spacing_mm) != 3 or len(self.hu_window) != 2:
+            raise EncoderConfigError(
+                f"{self.name or self.family}: target_spacing_mm needs 3 values (D, H, W) and hu_window 2 "
+                f"(low, high); got {self.target_spacing_mm} and {self.hu_window}."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain JSON types, `family` included."""
+        out: dict[str, Any] = {"family": self.family}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EncoderConfig:
+        """Rebuild a config from `to_dict()` output; unknown keys are an error, not ignored."""
+        data = dict(data)
+        family = data.pop("family", cls.family)
+        if family != cls.family:
+            raise EncoderConfigError(f"config is for family {family!r}, not {cls.family!r}.")
+        return cls.with_overrides(cls(), **data)
+
+    @classmethod
+    def with_overrides(cls, base: EncoderConfig, **overrides: Any) -> EncoderConfig:
+        """A copy of `base` with `overrides` applied; names the unknown fields when there are any."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise EncoderConfigError(
+                f"unknown {cls.family} config field(s) {unknown}; valid fields: {sorted(known)}."
+            )
+        return dataclasses.replace(base, **overrides)
+
+
+def _triple(value: int | tuple[int, ...], what: str) -> tuple[int, int, int]:
+    if isinstance(value, int):
+        return (value, value, value)
+    if len(value) != 3:
+        raise EncoderConfigError(f"{what} needs one int or three (D, H, W); got {value!r}.")
+    return tuple(int(v) for v in value)
+
+
+@dataclass
+class ViT3DConfig(EncoderConfig):
+    """A plain 3D ViT: sizes, patching, position embedding and regularisation."""
+
+    family: ClassVar[str] = "vit3d"
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    patch_size: tuple[int, int, int] = (16, 16, 16)
+    # The configured input size in voxels; other sizes interpolate the position embedding.
+    img_size: tuple[int, int, int] = (96, 96, 96)
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    # None disables layer scale (no ls1/ls2 parameters); DINOv2 uses 1e-5.
+    layer_scale_init: float | None = None
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    pos_embed: Literal["sincos", "learnable"] = "learnable"
+    cls_token: bool = True
+    norm_eps: float = 1e-6
+    attention_backend: AttentionBackendName = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.patch_size = _triple(self.patch_size, "patch_size")
+        self.img_size = _triple(self.img_size, "img_size")
+        if self.embed_dim % self.num_heads:
+            raise EncoderConfigError(
+                f"{self.name}: embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}."
+            )
+        if any(s % p for s, p in zip(self.img_size, self.patch_size, strict=True)):
+            raise EncoderConfigError(
+                f"{self.name}: img_size {self.img_size} is not divisible by patch_size {self.patch_size}."
+            )
+        if self.pos_embed not in ("sincos", "learnable"):
+            raise EncoderConfigError(f"pos_embed must be 'sincos' or 'learnable', not {self.pos_embed!r}.")
+        if self.attention_backend not in ("auto", "xformers", "sdpa", "math"):
+            raise EncoderConfigError(
+                f"attention_backend must be auto, xformers, sdpa or math, not {self.attention_backend!r}."
+            )
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """The configured token grid (d, h, w)."""
+        return tuple(s // p for s, p in zip(self.img_size, self.patch_size, strict=True))
+
+
+@dataclass
+class Swin3DConfig(EncoderConfig):
+    """MONAI's SwinUNETR(-v2) encoder: the settings VoCo's published weights were trained with."""
+
+    family: ClassVar[str] = "swin3d"
+    feature_size: int = 48
+    depths: tuple[int, ...] = (2, 2, 2, 2)
+    num_heads: tuple[int, ...] = (3, 6, 12, 24)
+    window_size: int = 7
+    patch_size: int = 2
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    norm_name: str = "instance"
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    normalize: bool = True
+    use_v2: bool = True
+    # VoCo crops (64, 192, 192) voxels in (D, H, W); kept as documentation of the training size.
+    img_size: tuple[int, int, int] = field(default=(64, 192, 192))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.img_size = _triple(self.img_size, "img_size")
+        if self.feature_size % 12:
+            raise EncoderConfigError(
+                f"{self.name}: feature_size {self.feature_size} must be divisible by 12 (MONAI SwinUNETR)."
+            )

@@ -1,0 +1,148 @@
+"""ViT3D: a plain vision transformer over 3D patches, with parameter names like timm/DINOv2.
+
+Names matter: peers' checkpoints (MONAI ViT/UNETR, M3D-CLIP) are mapped onto them, so
+`patch_embed.proj`, `cls_token`, `pos_embed`, `blocks.{i}.{norm1,attn.qkv,attn.proj,ls1,norm2,
+mlp.fc1,mlp.fc2,ls2}` and `norm` are a contract. The cls token gets no position embedding
+(as in MONAI's ViT); `pos_embed` covers the patch tokens of the configured grid and is
+resampled trilinearly for any other grid.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from fm3d.models.block import Block
+from fm3d.models.config import EncoderConfigError, ViT3DConfig
+from fm3d.models.encoder import EncoderOutput
+from fm3d.models.patch_embed import PatchEmbed3d
+from fm3d.models.pos_embed import resize_pos_embed, sincos_pos_embed_3d
+from fm3d.models.registry import register_encoder
+
+_BLOCK_PARAM = re.compile(r"^blocks\.(\d+)\.")
+
+
+class ViT3D(nn.Module):
+    """A 3D ViT encoder: volume [B, C_in, D, H, W] -> `EncoderOutput` of patch tokens."""
+
+    def __init__(self, config: ViT3DConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_dim = config.embed_dim
+        self.num_layers = config.depth
+        dim = config.embed_dim
+        self.patch_embed = PatchEmbed3d(config.in_chans, dim, config.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if config.cls_token else None
+        n_patches = config.grid[0] * config.grid[1] * config.grid[2]
+        if config.pos_embed == "learnable":
+            self.pos_embed = nn.Parameter(torch.zeros(1, n_patches, dim))
+        else:
+            # A buffer, not a parameter, and not saved: it is a function of the config alone.
+            self.register_buffer("pos_embed", sincos_pos_embed_3d(config.grid, dim), persistent=False)
+        # Stochastic depth grows linearly with depth, 0 for the first block.
+        rates = [config.drop_path_rate * i / max(config.depth - 1, 1) for i in range(config.depth)]
+        self.blocks = nn.ModuleList(
+            Block(
+                dim,
+                config.num_heads,
+                mlp_ratio=config.mlp_ratio,
+                qkv_bias=config.qkv_bias,
+                qk_norm=config.qk_norm,
+                layer_scale_init=config.layer_scale_init,
+                norm_eps=config.norm_eps,
+                drop=config.drop_rate,
+                attn_drop=config.attn_drop_rate,
+                drop_path=rate,
+                attention_backend=config.attention_backend,
+            )
+            for rate in rates
+        )
+        self.norm = nn.LayerNorm(dim, eps=config.norm_eps)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # timm's ViT init: truncated normal 0.02 for tokens and linears, zero biases.
+        if self.cls_token is not None:
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if isinstance(self.pos_embed, nn.Parameter):
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def layer_id(self, param_name: str) -> int:
+        """The depth of a parameter for layer-wise LR decay: 0 embeddings, i+1 for blocks.i, depth+1 norm."""
+        match = _BLOCK_PARAM.match(param_name)
+        if match:
+            return int(match.group(1)) + 1
+        if param_name.startswith("norm."):
+            return self.num_layers + 1
+        return 0
+
+    def _hidden_indices(self, hidden_layers: Any) -> list[int]:
+        requested = self.config.hidden_layers if hidden_layers is None else hidden_layers
+        indices = []
+        for index in requested:
+            if not -self.num_layers <= index < self.num_layers:
+                raise EncoderConfigError(
+                    f"hidden layer {index} is out of range for {self.config.name} "
+                    f"with {self.num_layers} blocks."
+                )
+            indices.append(index % self.num_layers)
+        return indices
+
+    def forward(self, x: torch.Tensor, hidden_layers: Any = None) -> EncoderOutput:
+        """Encode x [B, C_in, D, H, W]; `hidden_layers` (0-based, negatives allowed) picks blocks to return.
+
+        `hidden` holds the patch tokens after each requested block, before the final norm,
+        in the order requested; None means `config.hidden_layers`.
+        """
+        wanted = self._hidden_indices(hidden_layers)
+        x = self.patch_embed(x)  # [B, C, d, h, w]
+        grid = tuple(x.shape[2:])
+        x = x.flatten(2).transpose(1, 2)  # [B, N, C]
+        x = x + resize_pos_embed(self.pos_embed, self.config.grid, grid).to(x.dtype)
+        prefix = 0
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+            prefix = 1
+        use_checkpoint = self.config.grad_checkpointing and torch.is_grad_enabled()
+        kept: dict[int, torch.Tensor] = {}
+        for index, block in enumerate(self.blocks):
+            x = checkpoint(block, x, use_reentrant=False) if use_checkpoint else block(x)
+            if index in wanted:
+                kept[index] = x[:, prefix:]
+        x = self.norm(x)
+        tokens = x[:, prefix:]
+        pooled = x[:, 0] if self.cls_token is not None else tokens.mean(dim=1)
+        return EncoderOutput(
+            tokens=tokens,
+            pooled=pooled,
+            grid=grid,
+            hidden=[kept[i] for i in wanted],
+            hidden_grids=[grid] * len(wanted),
+        )
+
+
+def _sized(name: str, embed_dim: int, depth: int, num_heads: int) -> None:
+    base = ViT3DConfig(name=name, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+
+    @register_encoder(name)
+    def factory(**overrides: Any) -> ViT3D:
+        return ViT3D(ViT3DConfig.with_overrides(base, **overrides))
+
+    factory.__name__ = name
+    factory.__doc__ = f"{name}: ViT3D with {embed_dim} channels, {depth} blocks, {num_heads} heads."
+
+
+# Tiny is for tests and demos: 192 channels (a multiple of 6 for sin-cos), 4 blocks, 3 heads of 64.
+_sized("vit3d_tiny", 192, 4, 3)
+_sized("vit3d_small", 384, 12, 6)
+_sized("vit3d_base", 768, 12, 12)
+_sized("vit3d_large", 1024, 24, 16)
