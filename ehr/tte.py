@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ehr.binning import quantile_bin_edges
+
 logger = logging.getLogger(__name__)
 
 # Time at risk is clamped to this before taking its log, so bins the study never reached give
@@ -35,35 +37,13 @@ def fit_bin_edges(
     times excluded), so every bin sees roughly the same number of events. The first edge is 0
     and the last bin is open: the result has `num_bins + 1` entries ending in `+inf`.
     Quantiles that coincide (many events on the same day) are merged, so fewer bins than asked
-    may come back; a warning says so.
-
-    Args:
-        event_times_days: times (days) of observed events, any shape; NaN and negative values
-            are ignored.
-        num_bins: number of bins wanted (>= 1).
+    may come back; a warning says so. NaN and negative times are ignored.
 
     Returns:
         float64 tensor [B + 1] of strictly increasing edges `[0, q_1, ..., q_{B-1}, inf]`.
     """
-    if num_bins < 1:
-        raise ValueError(f"num_bins must be >= 1, got {num_bins}")
-    times = torch.as_tensor(np.asarray(event_times_days, dtype=np.float64)).flatten()
-    times = times[torch.isfinite(times) & (times >= 0)]
-    if times.numel() == 0:
-        raise ValueError("fit_bin_edges needs at least one observed event time (all were NaN/negative/empty)")
-    probs = torch.arange(1, num_bins, dtype=torch.float64) / num_bins
-    inner = torch.quantile(times, probs) if num_bins > 1 else torch.empty(0, dtype=torch.float64)
-    inner = torch.unique(inner[inner > 0])  # unique() also sorts
-    edges = torch.cat(
-        [torch.zeros(1, dtype=torch.float64), inner, torch.tensor([math.inf], dtype=torch.float64)]
-    )
-    if edges.numel() - 1 < num_bins:
-        logger.warning(
-            "fit_bin_edges: %d of %d requested bins remain after merging tied quantiles",
-            edges.numel() - 1,
-            num_bins,
-        )
-    return edges
+    times = np.asarray(torch.as_tensor(event_times_days, dtype=torch.float64).cpu())
+    return torch.tensor(quantile_bin_edges(times, num_bins), dtype=torch.float64)
 
 
 def _check_edges(bin_edges_days: Sequence[float] | torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,37 @@
+"""Exceptions of the EHR side, one class per failure family.
+
+Each names the file (or table) and the column at fault and says what to do, because the person
+reading it is usually converting a hospital's data and needs to know where to look.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class EHRError(Exception):
+    """Base of fm3d's EHR errors: where, what is wrong, and what to do."""
+
+    def __init__(self, path: str | Path, reason: str, hint: str = "") -> None:
+        self.path = Path(path)
+        self.reason = reason
+        self.hint = hint
+        message = f"{self.path}: {reason}"
+        if hint:
+            message += f". {hint[0].upper()}{hint[1:]}"
+        super().__init__(message)
+
+    def __reduce__(self):  # picklable across worker processes
+        return (type(self), (self.path, self.reason, self.hint))
+
+
+class MEDSFormatError(EHRError):
+    """A folder is not a readable MEDS dataset: missing files, columns, wrong dtypes or unsorted events."""
+
+
+class StudyTableError(EHRError):
+    """A studies table (study_id, subject_id, study_time) lacks columns or has unusable values."""
+
+
+class TaskSpecError(EHRError):
+    """A task list or phenotype mapping is empty, malformed or names nothing present in the data."""

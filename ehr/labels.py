@@ -1,0 +1,344 @@
+"""Per-study EHR labels: phenotype multi-hot and MOTOR time-to-event targets, built with polars joins.
+
+For each study (study_id, subject_id, study_time):
+- `phenotype[p]` = 1 when a code of group p is recorded in
+  `[study_time - before, study_time + after]` (days, both ends inclusive);
+- `tte_time[k]`, `tte_event[k]` (MOTOR's definition) = days from study_time to the first event
+  of task k strictly after study_time, with event True; else days to the subject's last timed
+  event (censoring), with event False.
+
+Every study comes back (a missing modality is a mask, never a dropped sample). `ehr_status`
+says why a study has no usable EHR: `unknown_subject` (no timed events for the subject) or
+`no_followup` (the study is at or after the subject's last event, so nothing can be observed
+after it). Those rows get `has_ehr = False` and zeros in every label column, are counted in the
+summary and logged as a warning.
+
+Both label kinds are as-of joins (study x task grid against sorted event times), so the cost is
+O(events + studies x (tasks + groups)) with no per-study Python loop; only the subject_id, time
+and code columns are scanned, filtered to the studies' subjects and the codes needed, and
+collected with polars' streaming engine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from ehr.binning import quantile_bin_edges
+from ehr.errors import StudyTableError, TaskSpecError
+from ehr.meds import MEDSDataset
+from ehr.vocab import code_ancestors, phenotype_codes, validate_phenotypes
+
+logger = logging.getLogger(__name__)
+
+_US_PER_DAY = 86_400_000_000.0
+METADATA_KEY = "fm3d.ehr_labels"  # parquet key-value metadata entry holding the column meanings
+
+
+def read_studies(path: str | Path, subject_column: str = "subject_id") -> pl.DataFrame:
+    """Load a studies table from CSV or parquet (columns study_id, subject_column, study_time)."""
+    path = Path(path)
+    if not path.is_file():
+        raise StudyTableError(
+            path, "does not exist", "pass a CSV or parquet with study_id, subject_id, study_time"
+        )
+    if path.suffix.lower() in (".parquet", ".pq"):
+        table = pl.read_parquet(path)
+    else:
+        table = pl.read_csv(path, infer_schema_length=10_000, try_parse_dates=True)
+    return check_studies(table, source=path, subject_column=subject_column)
+
+
+def check_studies(
+    studies: pl.DataFrame, source: str | Path = "<studies>", subject_column: str = "subject_id"
+) -> pl.DataFrame:
+    """Validate a studies table; normalise to study_id (str), subject_id (i64), study_time (datetime[us])."""
+    if subject_column != "subject_id" and subject_column in studies.columns:
+        studies = studies.drop("subject_id", strict=False).rename({subject_column: "subject_id"})
+    missing = [c for c in ("study_id", "subject_id", "study_time") if c not in studies.columns]
+    if missing:
+        raise StudyTableError(
+            source,
+            f"missing column(s) {', '.join(missing)} (found: {', '.join(studies.columns)})",
+            "the studies table needs study_id, subject_id (or --subject-column) and study_time",
+        )
+    try:
+        time = studies["study_time"]
+        if time.dtype == pl.String:
+            time = time.str.to_datetime(time_unit="us")
+        elif time.dtype == pl.Date:
+            time = time.cast(pl.Datetime("us"))
+        if not isinstance(time.dtype, pl.Datetime):
+            raise StudyTableError(source, f"column `study_time` has dtype {time.dtype}, expected a datetime")
+        studies = studies.with_columns(
+            study_id=pl.col("study_id").cast(pl.String),
+            subject_id=pl.col("subject_id").cast(pl.Int64, strict=True),
+            study_time=time.dt.replace_time_zone(None).dt.cast_time_unit("us"),
+        )
+    except (pl.exceptions.InvalidOperationError, pl.exceptions.ComputeError) as error:
+        raise StudyTableError(
+            source, f"cannot convert columns ({error})", "subject_id must be integers"
+        ) from error
+    for column in ("study_id", "subject_id", "study_time"):
+        nulls = studies[column].null_count()
+        if nulls:
+            raise StudyTableError(source, f"column `{column}` has {nulls} empty values")
+    duplicated = studies.filter(pl.col("study_id").is_duplicated())["study_id"]
+    if duplicated.len():
+        raise StudyTableError(
+            source, f"study_id values repeat (e.g. {duplicated[0]!r})", "study ids must be unique"
+        )
+    return studies.select("study_id", "subject_id", "study_time")
+
+
+def _to_days(delta: pl.Expr) -> pl.Expr:
+    return (delta.dt.total_microseconds() / _US_PER_DAY).cast(pl.Float32)
+
+
+def _grid(studies: pl.DataFrame, size: int, name: str) -> pl.DataFrame:
+    """studies x range(size), sorted by study_time as the as-of join needs."""
+    index = pl.DataFrame({name: np.arange(size, dtype=np.uint32)})
+    return studies.join(index, how="cross").sort("study_time")
+
+
+def _matrix(long: pl.DataFrame, column: str, rows: int, width: int, ok_rows: np.ndarray, dtype) -> pl.Series:
+    """Scatter a (row, index)-sorted long column into a [rows, width] list column, zeros elsewhere."""
+    values = np.zeros((rows, width), dtype=dtype)
+    values[ok_rows] = long[column].to_numpy().reshape(len(ok_rows), width)
+    inner = pl.Float32 if dtype == np.float32 else pl.Boolean
+    return pl.Series(column, values).cast(pl.List(inner))
+
+
+def build_study_labels(
+    dataset: MEDSDataset,
+    studies: pl.DataFrame,
+    tasks: Sequence[str],
+    phenotypes: Mapping[str, list[str]] | None = None,
+    window_days: tuple[float, float] = (365.0, 30.0),
+    *,
+    expand_parents: bool = False,
+) -> pl.DataFrame:
+    """Label every study with phenotype multi-hot and time-to-event targets.
+
+    Args:
+        dataset: the MEDS dataset.
+        studies: study_id, subject_id, study_time (see `check_studies`).
+        tasks: task codes, in the column order of `tte_time` / `tte_event`.
+        phenotypes: group -> code prefixes (order = `phenotype` columns); None = no phenotypes.
+        window_days: (before, after) days around study_time in which phenotype codes count.
+        expand_parents: an event also counts for tasks that are its `parent_codes` ancestors
+            (use with tasks selected by `select_tasks(..., expand_parents=True)`).
+
+    Returns:
+        One row per study, in input order: study_id, subject_id, study_time, has_ehr,
+        ehr_status, followup_days, phenotype list[f32] (P), tte_time list[f32] (K, days),
+        tte_event list[bool] (K).
+    """
+    tasks = list(tasks)
+    if not tasks or len(set(tasks)) != len(tasks):
+        raise TaskSpecError(dataset.root, "tasks must be a non-empty list of distinct codes")
+    phenotypes = validate_phenotypes(phenotypes) if phenotypes else {}
+    before, after = (float(w) for w in window_days)
+    if before < 0 or after < 0:
+        raise TaskSpecError(dataset.root, f"window_days must be non-negative, got {window_days}")
+    studies = check_studies(studies).with_row_index("row")
+    subject_ids = pl.Series(studies["subject_id"].unique(), dtype=pl.Int64).implode()
+    events = dataset.events(columns=("subject_id", "time", "code")).filter(
+        pl.col("time").is_not_null() & pl.col("subject_id").is_in(subject_ids)
+    )
+
+    task_codes = pl.DataFrame({"code": tasks, "task": np.arange(len(tasks), dtype=np.uint32)})
+    if expand_parents:  # an event of code c counts for every task that is c or one of its ancestors
+        task_codes = (
+            code_ancestors(dataset)
+            .join(task_codes.rename({"code": "ancestor"}), on="ancestor")
+            .select("code", "task")
+        )
+        task_codes = pl.concat(
+            [task_codes, pl.DataFrame({"code": tasks, "task": np.arange(len(tasks), dtype=np.uint32)})]
+        )
+        task_codes = task_codes.unique()
+    queries = [
+        events.group_by("subject_id").agg(last_time=pl.col("time").max()),
+        events.join(task_codes.lazy(), on="code").select("subject_id", "task", "time").unique(),
+    ]
+    if phenotypes:
+        all_codes = events.select("code").unique().collect(engine="streaming")["code"]
+        group_codes = phenotype_codes(all_codes, phenotypes)
+        queries.append(
+            events.join(group_codes.lazy(), on="code").select("subject_id", "group", "time").unique()
+        )
+    last, task_events, *rest = pl.collect_all(queries, engine="streaming")
+
+    studies = studies.join(last, on="subject_id", how="left").with_columns(
+        ehr_status=pl.when(pl.col("last_time").is_null())
+        .then(pl.lit("unknown_subject"))
+        .when(pl.col("study_time") >= pl.col("last_time"))
+        .then(pl.lit("no_followup"))
+        .otherwise(pl.lit("ok"))
+    )
+    studies = studies.sort("row").with_columns(has_ehr=pl.col("ehr_status") == "ok")
+    ok = studies.filter("has_ehr")
+    ok_rows = ok["row"].to_numpy()
+    for status in ("unknown_subject", "no_followup"):
+        count = int((studies["ehr_status"] == status).sum())
+        if count:
+            logger.warning(
+                "%d of %d studies have ehr_status=%s: has_ehr=False, zero labels", count, len(studies), status
+            )
+
+    tte = (
+        _grid(ok.select("row", "subject_id", "study_time", "last_time"), len(tasks), "task")
+        .join_asof(
+            task_events.sort("time"),
+            left_on="study_time",
+            right_on="time",
+            by=["subject_id", "task"],
+            strategy="forward",
+            allow_exact_matches=False,  # strictly after the study
+            check_sortedness=False,  # both sides sorted just above; polars cannot check with `by`
+        )
+        .with_columns(
+            tte_event=pl.col("time").is_not_null(),
+            tte_time=_to_days(pl.coalesce("time", "last_time") - pl.col("study_time")),
+        )
+        .sort("row", "task")
+    )
+    columns = {
+        "tte_time": _matrix(tte, "tte_time", len(studies), len(tasks), ok_rows, np.float32),
+        "tte_event": _matrix(tte, "tte_event", len(studies), len(tasks), ok_rows, np.bool_),
+    }
+    if phenotypes:
+        group_events = rest[0].sort("time")
+        window = (
+            _grid(ok.select("row", "subject_id", "study_time"), len(phenotypes), "group")
+            .with_columns(
+                window_start=pl.col("study_time") - pl.duration(microseconds=int(before * _US_PER_DAY))
+            )
+            .sort("window_start")
+            .join_asof(
+                group_events,
+                left_on="window_start",
+                right_on="time",
+                by=["subject_id", "group"],
+                strategy="forward",
+                check_sortedness=False,
+            )
+            .with_columns(
+                phenotype=(
+                    pl.col("time").is_not_null()
+                    & (
+                        pl.col("time")
+                        <= pl.col("study_time") + pl.duration(microseconds=int(after * _US_PER_DAY))
+                    )
+                ).cast(pl.Float32)
+            )
+            .sort("row", "group")
+        )
+        columns["phenotype"] = _matrix(
+            window, "phenotype", len(studies), len(phenotypes), ok_rows, np.float32
+        )
+    else:
+        columns["phenotype"] = pl.Series("phenotype", [[]] * len(studies), dtype=pl.List(pl.Float32))
+
+    followup = pl.when(pl.col("has_ehr")).then(_to_days(pl.col("last_time") - pl.col("study_time")))
+    return studies.select(
+        "study_id",
+        "subject_id",
+        "study_time",
+        "has_ehr",
+        "ehr_status",
+        followup_days=followup.otherwise(0.0).cast(pl.Float32),
+    ).with_columns(columns["phenotype"], columns["tte_time"], columns["tte_event"])
+
+
+def summarize_labels(labels: pl.DataFrame, tasks: Sequence[str], phenotype_names: Sequence[str]) -> dict:
+    """Counts per ehr_status, and per task / phenotype the event rate among studies with EHR."""
+    with_ehr = labels.filter("has_ehr")
+    status = dict(labels.group_by("ehr_status").len().iter_rows())
+    summary = {
+        "studies": labels.height,
+        "with_ehr": with_ehr.height,
+        "unknown_subject": status.get("unknown_subject", 0),
+        "no_followup": status.get("no_followup", 0),
+        "tasks": [],
+        "phenotypes": [],
+    }
+    if with_ehr.height:
+        events = np.stack(with_ehr["tte_event"].to_numpy()) if tasks else np.zeros((with_ehr.height, 0))
+        times = np.stack(with_ehr["tte_time"].to_numpy()) if tasks else np.zeros((with_ehr.height, 0))
+        for k, code in enumerate(tasks):
+            hit = events[:, k]
+            summary["tasks"].append(
+                {
+                    "code": code,
+                    "event_rate": float(hit.mean()),
+                    "median_days_to_event": float(np.median(times[hit, k])) if hit.any() else None,
+                }
+            )
+        if phenotype_names:
+            multi_hot = np.stack(with_ehr["phenotype"].to_numpy())
+            for p, name in enumerate(phenotype_names):
+                summary["phenotypes"].append({"group": name, "prevalence": float(multi_hot[:, p].mean())})
+    return summary
+
+
+def suggest_bin_edges(labels: pl.DataFrame, num_bins: int = 8) -> list[float] | None:
+    """Bin edges from quantiles of the observed event times in these labels (None without events)."""
+    with_ehr = labels.filter("has_ehr")
+    if with_ehr.is_empty():
+        return None
+    times = np.concatenate(with_ehr["tte_time"].to_numpy()) if with_ehr.height else np.empty(0)
+    events = np.concatenate(with_ehr["tte_event"].to_numpy()) if with_ehr.height else np.empty(0, bool)
+    if not events.any():
+        return None
+    return quantile_bin_edges(times[events], num_bins)
+
+
+def write_study_labels(
+    labels: pl.DataFrame,
+    out: str | Path,
+    *,
+    tasks: Sequence[str],
+    phenotypes: Mapping[str, list[str]] | None,
+    window_days: tuple[float, float],
+    num_bins: int = 8,
+) -> dict:
+    """Write the label parquet plus `<out>.json`, both carrying what the columns mean.
+
+    The description (phenotype group names and prefixes, task codes, suggested bin edges, the
+    window and the summary) goes into the parquet key-value metadata under `fm3d.ehr_labels`
+    and, for people and tools that do not read parquet footers, into a sidecar JSON.
+    Returns that description.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    phenotypes = dict(phenotypes or {})
+    description = {
+        "format": "fm3d.ehr_labels/1",
+        "key": "study_id",
+        "phenotype_groups": list(phenotypes),
+        "phenotype_prefixes": phenotypes,
+        "window_days": list(window_days),
+        "tasks": list(tasks),
+        "tte_time_unit": "days",
+        "suggested_bin_edges_days": suggest_bin_edges(labels, num_bins),
+        "summary": summarize_labels(labels, tasks, list(phenotypes)),
+    }
+    text = json.dumps(description, indent=2)
+    labels.write_parquet(out, metadata={METADATA_KEY: text})
+    Path(f"{out}.json").write_text(text + "\n")
+    return description
+
+
+def read_label_description(path: str | Path) -> dict:
+    """The description `write_study_labels` stored in a label parquet's key-value metadata."""
+    metadata = pl.read_parquet_metadata(path)
+    if METADATA_KEY not in metadata:
+        raise TaskSpecError(path, f"has no `{METADATA_KEY}` metadata", "write it with `fm3d ehr labels`")
+    return json.loads(metadata[METADATA_KEY])
