@@ -1,0 +1,91 @@
+"""Crash-safe file writes and content fingerprints for the prepared cache.
+
+A file is written under a temporary name in its final folder and renamed into place with
+`os.replace` (atomic on POSIX), so a reader, or a re-run after SIGKILL, sees either the old
+file or the complete new one, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+TEMP_MARK = ".tmp-"
+_CHUNK = 1 << 20
+
+
+def _temporary(path: Path) -> Path:
+    # Starts with "." and keeps no .npy/.json suffix, so globbing for finished files never sees it.
+    return path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """Write an array as .npy atomically."""
+    tmp = _temporary(path)
+    with tmp.open("wb") as f:
+        np.save(f, np.ascontiguousarray(array))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write a JSON object atomically."""
+    tmp = _temporary(path)
+    with tmp.open("w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_parquet(path: Path, frame: pl.DataFrame) -> None:
+    """Write a polars DataFrame as parquet atomically."""
+    tmp = _temporary(path)
+    frame.write_parquet(tmp)
+    os.replace(tmp, path)
+
+
+def remove_stale_temporaries(root: Path, subfolders: list[str]) -> int:
+    """Delete temporary files an interrupted run left in `root` and its subfolders; returns how many."""
+    removed = 0
+    for folder in [root, *(root / s for s in subfolders)]:
+        for tmp in folder.glob(f".*{TEMP_MARK}*"):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _files_of(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return [path]
+
+
+def content_hash(path: str | Path) -> str:
+    """BLAKE2b of a file's bytes, or of a folder's files (relative names and bytes, in sorted order)."""
+    root = Path(path)
+    digest = hashlib.blake2b(digest_size=16)
+    for file in _files_of(root):
+        if root.is_dir():
+            digest.update(str(file.relative_to(root)).encode() + b"\0")
+        with file.open("rb") as f:
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def stat_fingerprint(paths: list[str]) -> str:
+    """Sizes and modification times of the source files: a cheap "unchanged since last run" check."""
+    entries = []
+    for path in paths:
+        for file in _files_of(Path(path)):
+            st = file.stat()
+            entries.append([str(file), st.st_size, st.st_mtime_ns])
+    return json.dumps(entries)
