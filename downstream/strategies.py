@@ -1,0 +1,179 @@
+"""Fine-tune strategies shared by every downstream task: frozen, full (with LLRD) and LoRA.
+
+- `frozen`: the encoder's weights never change (requires_grad off, kept in eval mode so dropout
+  and normalisation statistics do not move either); only the task head trains — a linear probe
+  when the head is linear.
+- `full`: every weight trains, with layer-wise learning-rate decay (BEiT/MAE recipe). The encoder
+  numbers its parameters with `encoder.layer_id(name)`: 0 for the embeddings, i + 1 for block i,
+  `encoder.num_layers + 1` for what follows the last block. A parameter of layer l gets
+  `lr * layer_decay ** (num_layers + 1 - l)`; the task head gets `lr`. So with 12 blocks and
+  decay 0.75 block 11 trains at 0.75 x lr and the patch embedding at 0.75^13 x lr.
+- `lora`: peft LoRA adapters on the attention (qkv, proj) and MLP (fc1, fc2; MONAI's Swin MLP
+  calls them linear1, linear2) projections; the encoder's own weights stay frozen and only the
+  adapters and the head train, all at `lr`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+StrategyName = Literal["frozen", "full", "lora"]
+STRATEGIES: tuple[str, ...] = ("frozen", "full", "lora")
+# Module-name suffixes LoRA wraps: vit3d's attn.qkv/attn.proj/mlp.fc1/mlp.fc2 and MONAI Swin's
+# attn.qkv/attn.proj/mlp.linear1/mlp.linear2. Only nn.Linear modules are matched, so a patch
+# embedding convolution that happens to be called `proj` is left alone.
+DEFAULT_LORA_TARGETS: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2", "linear1", "linear2")
+
+
+class StrategyError(ValueError):
+    """A fine-tune strategy that cannot be applied to the given encoder."""
+
+
+@dataclass
+class FinetuneStrategy:
+    """How the encoder is adapted: which weights train and at which learning rate.
+
+    name: "frozen", "full" or "lora".
+    layer_decay: LLRD factor for "full" (1.0 = same lr everywhere).
+    lora_rank, lora_alpha, lora_dropout: LoRA adapter size, scale (alpha / rank) and dropout.
+    lora_targets: module-name suffixes that get adapters (only `nn.Linear` modules are wrapped).
+    """
+
+    name: StrategyName = "frozen"
+    layer_decay: float = 0.75
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+
+    def __post_init__(self) -> None:
+        if self.name not in STRATEGIES:
+            raise StrategyError(f"unknown fine-tune strategy {self.name!r}; choose one of {STRATEGIES}")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise StrategyError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.lora_rank < 1:
+            raise StrategyError(f"lora_rank must be >= 1, got {self.lora_rank}")
+        self.lora_targets = tuple(self.lora_targets)
+
+
+def _lora_target_modules(encoder: nn.Module, suffixes: Iterable[str]) -> list[str]:
+    """Full names of the Linear modules whose last name component is one of `suffixes`."""
+    wanted = set(suffixes)
+    return [
+        name
+        for name, module in encoder.named_modules()
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in wanted
+    ]
+
+
+def apply_strategy(encoder: nn.Module, strategy: FinetuneStrategy) -> nn.Module:
+    """Prepare `encoder` for `strategy` in place (freeze, or inject LoRA adapters) and return it."""
+    if strategy.name == "full":
+        encoder.requires_grad_(True)
+        return encoder
+    encoder.requires_grad_(False)
+    if strategy.name == "frozen":
+        return encoder.eval()
+    from peft import LoraConfig, inject_adapter_in_model  # peft is only needed for this strategy
+
+    targets = _lora_target_modules(encoder, strategy.lora_targets)
+    if not targets:
+        raise StrategyError(
+            f"LoRA found no nn.Linear named {list(strategy.lora_targets)} in {type(encoder).__name__}; "
+            "set strategy.lora_targets to the encoder's projection names"
+        )
+    config = LoraConfig(
+        r=strategy.lora_rank,
+        lora_alpha=strategy.lora_alpha,
+        lora_dropout=strategy.lora_dropout,
+        target_modules=targets,
+    )
+    encoder = inject_adapter_in_model(config, encoder)
+    for name, param in encoder.named_parameters():
+        param.requires_grad_("lora_" in name)
+    logger.info("LoRA rank %d on %d projections", strategy.lora_rank, len(targets))
+    return encoder
+
+
+def merge_lora(encoder: nn.Module) -> nn.Module:
+    """Fold LoRA adapters into their base Linear weights and drop the wrappers (in place).
+
+    The result has the encoder's original parameter names again, so it saves and loads as a
+    plain fm3d encoder (`fm3d.save_encoder`).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(encoder.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            parent = encoder.get_submodule(parent_name) if parent_name else encoder
+            setattr(parent, child, module.get_base_layer())
+    return encoder
+
+
+def _no_weight_decay(name: str, param: torch.Tensor) -> bool:
+    # Biases, norm scales and position/class embeddings are not regularised (BEiT, MAE, DINOv2).
+    return param.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "mask_token"))
+
+
+def layer_scales(encoder: nn.Module, layer_decay: float) -> dict[str, float]:
+    """The LLRD multiplier of every encoder parameter, by name (see the module docstring)."""
+    layer_id = getattr(encoder, "layer_id", None)
+    num_layers = getattr(encoder, "num_layers", None)
+    if layer_id is None or num_layers is None:
+        if layer_decay != 1.0:
+            raise StrategyError(
+                f"{type(encoder).__name__} has no layer_id()/num_layers, so layer-wise lr decay cannot be "
+                "applied; set strategy.layer_decay: 1.0"
+            )
+        return {name: 1.0 for name, _ in encoder.named_parameters()}
+    return {
+        name: layer_decay ** (num_layers + 1 - min(layer_id(name), num_layers + 1))
+        for name, _ in encoder.named_parameters()
+    }
+
+
+def parameter_groups(
+    encoder: nn.Module,
+    head: Iterable[tuple[str, nn.Parameter]],
+    strategy: FinetuneStrategy,
+    lr: float,
+    weight_decay: float,
+) -> list[dict]:
+    """Optimizer parameter groups for `strategy`: one group per (lr, weight-decay) pair.
+
+    `head` are the task's own (named) parameters; they always train at `lr`. Each group carries
+    `lr` and `lr_scale` so a scheduler can rescale it, and a `name` for logging.
+    """
+    scales = layer_scales(encoder, strategy.layer_decay) if strategy.name == "full" else {}
+    groups: dict[tuple[str, float, bool], dict] = {}
+
+    def add(prefix: str, name: str, param: nn.Parameter, scale: float) -> None:
+        no_wd = _no_weight_decay(name, param)
+        key = (prefix, scale, no_wd)
+        if key not in groups:
+            groups[key] = {
+                "name": f"{prefix}_lr{scale:.4g}{'_no_wd' if no_wd else ''}",
+                "params": [],
+                "lr": lr * scale,
+                "lr_scale": scale,
+                "weight_decay": 0.0 if no_wd else weight_decay,
+            }
+        groups[key]["params"].append(param)
+
+    for name, param in encoder.named_parameters():
+        if param.requires_grad:
+            add("encoder", name, param, scales.get(name, 1.0))
+    for name, param in head:
+        if param.requires_grad:
+            add("head", name, param, 1.0)
+    return list(groups.values())
