@@ -69,7 +69,7 @@ def read_dicom(path: Path, *, series_uid: str | None = None) -> Volume:
 
 def _read(path: Path, *, header_only: bool) -> Dataset:
     try:
-        return pydicom.dcmread(path, stop_before_pixels=header_only)
+        dataset = pydicom.dcmread(path, stop_before_pixels=header_only)
     except InvalidDicomError as exc:
         raise VolumeReadError(
             path, f"is not a DICOM file ({exc})", "remove it or point at the DICOM files"
@@ -78,6 +78,14 @@ def _read(path: Path, *, header_only: bool) -> Dataset:
         raise VolumeReadError(
             path, f"is truncated or corrupt ({type(exc).__name__}: {exc})", "re-export or re-copy the file"
         ) from exc
+    if "SOPClassUID" not in dataset and "Modality" not in dataset:
+        # pydicom parses garbage after a valid preamble into unknown elements rather than failing.
+        raise VolumeReadError(
+            path,
+            "is truncated or corrupt (no SOP Class or Modality could be parsed)",
+            "re-export or re-copy the file",
+        )
+    return dataset
 
 
 def _series_files(folder: Path, series_uid: str | None) -> list[Path]:
