@@ -15,7 +15,7 @@ from torch import nn
 
 from fm3d.models.config import EncoderConfigError
 
-FAMILY_MODULES: tuple[str, ...] = ("fm3d.models.vit3d", "fm3d.models.swin3d")
+FAMILY_MODULES: tuple[str, ...] = ("fm3d.models.vit3d", "fm3d.models.swin3d", "fm3d.models.resnet3d")
 
 EncoderFactory = Callable[..., nn.Module]
 _REGISTRY: dict[str, EncoderFactory] = {}
