@@ -1,0 +1,167 @@
+"""`fm3d ehr`: select MOTOR tasks from a MEDS dataset and build per-study label tables.
+
+    fm3d ehr tasks --meds DIR -k 64
+    fm3d ehr labels --meds DIR --studies studies.csv --out labels.parquet --tasks-k 64 \\
+        --phenotypes conf/ehr/phenotypes_example.yaml --window-days 365 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from ehr.errors import EHRError, TaskSpecError
+from ehr.labels import build_study_labels, read_studies, write_study_labels
+from ehr.meds import MEDSDataset
+from ehr.vocab import load_phenotypes, select_tasks
+
+
+def _add_task_selection(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--min-event-fraction", type=float, default=1 / 1000, help="femr's min_fraction")
+    parser.add_argument(
+        "--expand-parents",
+        action="store_true",
+        help="also count codes under their codes.parquet parent_codes",
+    )
+    parser.add_argument(
+        "--exclude-prefix",
+        action="append",
+        default=[],
+        metavar="PREFIX",
+        help="never pick codes starting with PREFIX (repeatable), e.g. MEDS_BIRTH",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fm3d ehr", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    tasks = commands.add_parser("tasks", help="print the K codes MOTOR's entropy criterion selects")
+    tasks.add_argument("--meds", required=True, type=Path, help="MEDS root (holds data/ and metadata/)")
+    tasks.add_argument("-k", type=int, default=64, help="number of tasks (default 64)")
+    tasks.add_argument("--out", type=Path, help="also write the selected codes, one per line")
+    _add_task_selection(tasks)
+
+    labels = commands.add_parser("labels", help="build the per-study phenotype + time-to-event label parquet")
+    labels.add_argument("--meds", required=True, type=Path, help="MEDS root (holds data/ and metadata/)")
+    labels.add_argument(
+        "--studies", required=True, type=Path, help="CSV/parquet: study_id, subject_id, study_time"
+    )
+    labels.add_argument(
+        "--out", required=True, type=Path, help="output parquet (a <out>.json sidecar is written too)"
+    )
+    which = labels.add_mutually_exclusive_group()
+    which.add_argument("--tasks-k", type=int, help="select K tasks by MOTOR's criterion (default 64)")
+    which.add_argument("--tasks", help="comma-separated task codes")
+    which.add_argument("--tasks-file", type=Path, help="file with one task code per line")
+    labels.add_argument("--phenotypes", type=Path, help="YAML/JSON mapping group -> code prefixes")
+    labels.add_argument(
+        "--window-days",
+        nargs=2,
+        type=float,
+        default=(365.0, 30.0),
+        metavar=("BEFORE", "AFTER"),
+        help="phenotype window around study_time in days (default 365 30)",
+    )
+    labels.add_argument(
+        "--subject-column", default="subject_id", help="subject id column of the studies table"
+    )
+    labels.add_argument(
+        "--num-bins", type=int, default=8, help="time bins for the suggested bin edges (default 8)"
+    )
+    _add_task_selection(labels)
+    return parser
+
+
+def _task_codes(args: argparse.Namespace, dataset: MEDSDataset) -> list[str]:
+    if args.tasks:
+        return [code.strip() for code in args.tasks.split(",") if code.strip()]
+    if args.tasks_file:
+        if not args.tasks_file.is_file():
+            raise TaskSpecError(args.tasks_file, "does not exist", "give a file with one task code per line")
+        codes = [line.strip() for line in args.tasks_file.read_text().splitlines() if line.strip()]
+        if not codes:
+            raise TaskSpecError(args.tasks_file, "lists no task codes")
+        return codes
+    selected = select_tasks(
+        dataset,
+        args.tasks_k or 64,
+        min_event_fraction=args.min_event_fraction,
+        expand_parents=args.expand_parents,
+        exclude_prefixes=tuple(args.exclude_prefix),
+    )
+    return selected["code"].to_list()
+
+
+def _print_summary(description: dict, seconds: float, out: Path) -> None:
+    summary = description["summary"]
+    print(f"wrote {out} (+ {out}.json) in {seconds:.1f} s")
+    print(
+        f"studies: {summary['studies']}  with EHR: {summary['with_ehr']}  "
+        f"unknown subject: {summary['unknown_subject']}  no follow-up after study: {summary['no_followup']}"
+    )
+    print("\n| task | event rate | median days to event |\n|---|---|---|")
+    for task in summary["tasks"]:
+        median = "-" if task["median_days_to_event"] is None else f"{task['median_days_to_event']:.1f}"
+        print(f"| {task['code']} | {task['event_rate']:.3f} | {median} |")
+    if summary["phenotypes"]:
+        print("\n| phenotype | prevalence |\n|---|---|")
+        for group in summary["phenotypes"]:
+            print(f"| {group['group']} | {group['prevalence']:.3f} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `fm3d ehr`."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
+    try:
+        dataset = MEDSDataset(args.meds)
+        if args.command == "tasks":
+            selected = select_tasks(
+                dataset,
+                args.k,
+                min_event_fraction=args.min_event_fraction,
+                expand_parents=args.expand_parents,
+                exclude_prefixes=tuple(args.exclude_prefix),
+            )
+            print("| # | code | subject fraction | score |\n|---|---|---|---|")
+            for rank, row in enumerate(selected.iter_rows(named=True), start=1):
+                print(f"| {rank} | {row['code']} | {row['subject_fraction']:.4f} | {row['score']:.4f} |")
+            if args.out:
+                args.out.write_text("\n".join(selected["code"]) + "\n")
+            return 0
+        started = time.perf_counter()
+        tasks = _task_codes(args, dataset)
+        phenotypes = load_phenotypes(args.phenotypes) if args.phenotypes else None
+        studies = read_studies(args.studies, subject_column=args.subject_column)
+        labels = build_study_labels(
+            dataset,
+            studies,
+            tasks,
+            phenotypes,
+            window_days=tuple(args.window_days),
+            expand_parents=args.expand_parents,
+        )
+        description = write_study_labels(
+            labels,
+            args.out,
+            tasks=tasks,
+            phenotypes=phenotypes,
+            window_days=tuple(args.window_days),
+            num_bins=args.num_bins,
+        )
+        _print_summary(description, time.perf_counter() - started, args.out)
+        return 0
+    except EHRError as error:
+        print(f"fm3d ehr: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
