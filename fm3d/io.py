@@ -12,6 +12,7 @@ import importlib
 import json
 import logging
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +65,10 @@ def _torch_load(path: Path, trust_pickle: bool, map_location: str | torch.device
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         if not trust_pickle:
+            found = re.search(r"GLOBAL (\S+)", str(error))
+            what = f" (e.g. {found.group(1)})" if found else ""
             raise UnsafeCheckpointError(
-                f"{path} holds pickled Python objects that weights-only loading refuses ({error}). "
+                f"{path} holds pickled Python objects{what} that weights-only loading refuses. "
                 "Loading it would run arbitrary code from the file; if you trust its source, call "
                 "load_encoder(..., trust_pickle=True)."
             ) from error
@@ -110,7 +113,12 @@ def _load_peer(path: Path, format: str, state_dict: Any) -> nn.Module:
             f"{path} is not an fm3d encoder (no {CONFIG_FILE}, no '{CKPT_CONFIG_KEY}'), and the peer-weight "
             "adapters (fm3d.models.adapters) are not part of this installation."
         ) from error
-    return adapters.load_peer_encoder(path, format=format, state_dict=state_dict)
+    load_peer_encoder = getattr(adapters, "load_peer_encoder", None)
+    if load_peer_encoder is None:
+        raise EncoderLoadError(
+            f"{path} is not an fm3d encoder, and fm3d.models.adapters has no load_peer_encoder yet."
+        )
+    return load_peer_encoder(path, format=format, state_dict=state_dict)
 
 
 def load_encoder(

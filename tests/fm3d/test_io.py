@@ -1,0 +1,126 @@
+"""Encoder save/load: export folders, Lightning checkpoints, and refusing pickled objects."""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fm3d
+from fm3d.io import EncoderLoadError, UnsafeCheckpointError
+
+
+class _Arbitrary:
+    """A class weights-only unpickling does not know."""
+
+    def __init__(self) -> None:
+        self.note = "not a tensor"
+
+
+class _TinyModule(L.LightningModule):
+    """The smallest fm3d-style LightningModule: holds `self.encoder` and writes its config."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = fm3d.create_encoder("vit3d_tiny", depth=1, img_size=(32, 32, 32))
+        self.head = torch.nn.Linear(self.encoder.embed_dim, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.head(self.encoder(batch[0]).pooled).square().mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["fm3d_encoder_config"] = self.encoder.config.to_dict()
+
+
+@pytest.mark.parametrize("name", ["vit3d_tiny", "swin3d_tiny"])
+def test_save_load_round_trip_is_bit_identical(tmp_path, name):
+    torch.manual_seed(0)
+    overrides = (
+        {"depth": 1, "pos_embed": "sincos", "target_spacing_mm": (2.0, 1.0, 1.0)} if "vit" in name else {}
+    )
+    encoder = fm3d.create_encoder(name, **overrides).eval()
+    folder = fm3d.save_encoder(encoder, tmp_path / "enc")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["name"] == name and "hu_window" in config and "target_spacing_mm" in config
+    assert set(load_file(folder / "model.safetensors")) == set(encoder.state_dict())
+    loaded = fm3d.load_encoder(folder).eval()
+    assert loaded.config == encoder.config
+    # Swin's instance norms need more than one voxel on the 1/32 grid, hence W = 64.
+    x = torch.randn(1, 1, 32, 32, 64)
+    with torch.no_grad():
+        before, after = encoder(x), loaded(x)
+    assert torch.equal(before.tokens, after.tokens) and torch.equal(before.pooled, after.pooled)
+
+
+def test_pickled_object_is_refused_with_the_opt_in(tmp_path):
+    encoder = fm3d.create_encoder("vit3d_tiny", depth=1)
+    path = tmp_path / "evil.ckpt"
+    torch.save(
+        {
+            "fm3d_encoder_config": encoder.config.to_dict(),
+            "state_dict": {f"encoder.{k}": v for k, v in encoder.state_dict().items()},
+            "extra": _Arbitrary(),
+        },
+        path,
+    )
+    with pytest.raises(UnsafeCheckpointError, match=r"evil\.ckpt.*_Arbitrary.*trust_pickle=True"):
+        fm3d.load_encoder(path)
+    loaded = fm3d.load_encoder(path, trust_pickle=True)
+    assert torch.equal(loaded.pos_embed, encoder.pos_embed)
+
+
+def test_lightning_checkpoint_from_a_real_trainer(tmp_path):
+    torch.manual_seed(0)
+    module = _TinyModule()
+    data = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(2, 1, 32, 32, 32)), batch_size=2
+    )
+    trainer = L.Trainer(
+        max_steps=1,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, data)
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = fm3d.load_encoder(path).eval()
+    module.encoder.eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).pooled, module.encoder(x).pooled)
+
+
+def test_mismatched_weights_are_named(tmp_path):
+    folder = fm3d.save_encoder(fm3d.create_encoder("vit3d_tiny", depth=2), tmp_path / "enc")
+    config = json.loads((folder / "config.json").read_text())
+    config["depth"] = 1
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EncoderLoadError, match=r"unexpected: \['blocks\.1\."):
+        fm3d.load_encoder(folder)
+
+
+def test_foreign_checkpoint_goes_to_the_peer_adapters(tmp_path):
+    path = tmp_path / "peer.pt"
+    torch.save(OrderedDict(weight=torch.zeros(2)), path)
+    # Without fm3d metadata the file is a peer's: either the adapters reject the unknown keys
+    # or, where they are not installed, load_encoder says so. Both name the file.
+    with pytest.raises(Exception, match=r"peer\.pt"):
+        fm3d.load_encoder(path)
+
+
+def test_missing_path_and_wrong_format_are_clear(tmp_path):
+    with pytest.raises(EncoderLoadError, match="does not exist"):
+        fm3d.load_encoder(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EncoderLoadError, match=r"config\.json"):
+        fm3d.load_encoder(tmp_path / "empty", format="fm3d")
