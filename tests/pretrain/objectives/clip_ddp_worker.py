@@ -1,0 +1,69 @@
+"""Worker of test_clip_ddp.py: one DDP rank (gloo, CPU) computing the CLIP objective on its rows.
+
+A separate module (not a test file) so `torch.multiprocessing.spawn` can import it by name in
+the child processes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from fm3d.models.encoder import EncoderOutput
+from pretrain.objectives.clip import ClipObjective
+
+
+def build(text_model: str, loss: str) -> ClipObjective:
+    """The same objective in every process: seeded heads, eval mode (no text dropout)."""
+    torch.manual_seed(0)
+    return ClipObjective(8, text_model, proj_dim=4, max_length=32, loss=loss).eval()
+
+
+def step(objective: torch.nn.Module, pooled: torch.Tensor, reports: list[str], has_report: torch.Tensor):
+    """Loss and metrics for rows `pooled` as the encoder would hand them over."""
+    encoded = {"image": EncoderOutput(tokens=pooled[:, None], pooled=pooled, grid=(1, 1, 1))}
+    return objective({"report": reports, "has_report": has_report}, encoded)
+
+
+def run(
+    rank: int, world_size: int, port: int, text_model: str, losses: list, inputs: dict, rows: list, out: str
+):
+    """Rank `rank` takes rows[rank] of the global batch, runs two DDP steps per loss, saves results."""
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        start, stop = rows[rank]
+        for loss in losses:
+            _two_steps(
+                DistributedDataParallel(build(text_model, loss)),
+                inputs,
+                start,
+                stop,
+                Path(out) / f"{loss}{rank}.pt",
+            )
+    finally:
+        dist.destroy_process_group()
+
+
+def _two_steps(model: DistributedDataParallel, inputs: dict, start: int, stop: int, path: Path) -> None:
+    """Two steps (a second one fails if DDP missed a parameter's gradient); results to `path`."""
+    results = {}
+    for iteration in range(2):  # a second step fails if DDP missed a parameter's gradient
+        model.zero_grad()
+        pooled = inputs["pooled"][start:stop].clone().requires_grad_(True)
+        reports = inputs["reports"][start:stop]
+        value, metrics = step(model, pooled, reports, inputs["has_report"][start:stop])
+        value.backward()
+        results[iteration] = {
+            "loss": value.detach(),
+            "recall": metrics["i2t_R@1"],
+            "input_grad": pooled.grad.detach(),
+            "param_grads": {
+                n: p.grad.detach().clone() for n, p in model.module.named_parameters() if p.requires_grad
+            },
+        }
+    torch.save(results, path)
