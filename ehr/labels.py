@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -154,26 +155,27 @@ def build_study_labels(
 
     task_codes = pl.DataFrame({"code": tasks, "task": np.arange(len(tasks), dtype=np.uint32)})
     if expand_parents:  # an event of code c counts for every task that is c or one of its ancestors
-        task_codes = (
-            code_ancestors(dataset)
-            .join(task_codes.rename({"code": "ancestor"}), on="ancestor")
-            .select("code", "task")
-        )
-        task_codes = pl.concat(
-            [task_codes, pl.DataFrame({"code": tasks, "task": np.arange(len(tasks), dtype=np.uint32)})]
-        )
-        task_codes = task_codes.unique()
-    queries = [
-        events.group_by("subject_id").agg(last_time=pl.col("time").max()),
-        events.join(task_codes.lazy(), on="code").select("subject_id", "task", "time").unique(),
-    ]
+        descendants = code_ancestors(dataset).join(task_codes, left_on="ancestor", right_on="code")
+        task_codes = pl.concat([task_codes, descendants.select("code", "task")]).unique()
+
+    # One streaming pass per table, each filtered before any join so only the rows needed are
+    # materialised; passes run one after the other to keep peak memory at the largest one.
+    last = events.group_by("subject_id").agg(last_time=pl.col("time").max()).collect(engine="streaming")
+    task_events = (
+        events.filter(pl.col("code").is_in(task_codes["code"].implode()))
+        .join(task_codes.lazy(), on="code")
+        .select("subject_id", "task", "time")
+        .unique()
+        .collect(engine="streaming")
+    )
     if phenotypes:
-        all_codes = events.select("code").unique().collect(engine="streaming")["code"]
-        group_codes = phenotype_codes(all_codes, phenotypes)
-        queries.append(
-            events.join(group_codes.lazy(), on="code").select("subject_id", "group", "time").unique()
+        any_prefix = "^(?:" + "|".join(re.escape(p) for group in phenotypes.values() for p in group) + ")"
+        matched = events.filter(pl.col("code").str.contains(any_prefix)).collect(engine="streaming")
+        group_events = (
+            matched.join(phenotype_codes(matched["code"], phenotypes), on="code")
+            .select("subject_id", "group", "time")
+            .unique()
         )
-    last, task_events, *rest = pl.collect_all(queries, engine="streaming")
 
     studies = studies.join(last, on="subject_id", how="left").with_columns(
         ehr_status=pl.when(pl.col("last_time").is_null())
@@ -214,7 +216,6 @@ def build_study_labels(
         "tte_event": _matrix(tte, "tte_event", len(studies), len(tasks), ok_rows, np.bool_),
     }
     if phenotypes:
-        group_events = rest[0].sort("time")
         window = (
             _grid(ok.select("row", "subject_id", "study_time"), len(phenotypes), "group")
             .with_columns(
@@ -222,7 +223,7 @@ def build_study_labels(
             )
             .sort("window_start")
             .join_asof(
-                group_events,
+                group_events.sort("time"),
                 left_on="window_start",
                 right_on="time",
                 by=["subject_id", "group"],
