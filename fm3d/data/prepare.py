@@ -108,9 +108,13 @@ def prepare_cache(
             )
         )
 
-    counts = {"prepared": 0, "skipped": 0, "failed": 0}
-    bar = tqdm(total=len(tasks), desc="fm3d prepare", unit="study", disable=not progress)
-    for row in _run(tasks, out, settings, workers):
+    # Untouched sources (same size and mtime) are skipped here, so a re-run starts no workers.
+    pending = [task for task in tasks if not _untouched(task, out)]
+    counts = {"prepared": 0, "skipped": len(tasks) - len(pending), "failed": 0}
+    bar = tqdm(
+        total=len(tasks), initial=counts["skipped"], desc="fm3d prepare", unit="study", disable=not progress
+    )
+    for row in _run(pending, out, settings, workers):
         outcome = row.pop("outcome")
         counts[outcome] += 1
         if outcome == "failed":
@@ -168,8 +172,6 @@ def prepare_study(task: StudyTask, out: Path, settings: PreprocessSettings) -> d
                 )
         stat = atomic.stat_fingerprint(sources)
         previous = task.previous
-        if previous and previous.get("source_stat") == stat and _up_to_date(previous, task, out):
-            return {**previous, "outcome": "skipped"}  # files untouched: no need to hash them again
         row["source_stat"] = stat
         row["source_hash"] = atomic.content_hash(task.image_path)
         row["label_hash"] = atomic.content_hash(task.label_path) if task.label_path else None
@@ -190,6 +192,18 @@ def prepare_study(task: StudyTask, out: Path, settings: PreprocessSettings) -> d
         outcome = "failed"
     atomic.write_json(out / JOURNAL_DIR / f"{task.study_id}.json", row)
     return {**row, "outcome": outcome}
+
+
+def _untouched(task: StudyTask, out: Path) -> bool:
+    """Whether a study's files keep the size and mtime recorded when it was prepared (no hashing needed)."""
+    previous = task.previous
+    if not previous or not _up_to_date(previous, task, out):
+        return False
+    try:
+        sources = [task.image_path] + ([task.label_path] if task.label_path else [])
+        return previous.get("source_stat") == atomic.stat_fingerprint(sources)
+    except OSError:  # a source vanished: let prepare_study report it
+        return False
 
 
 def _up_to_date(previous: dict[str, Any], task: StudyTask, out: Path) -> bool:
@@ -244,8 +258,15 @@ def _known_rows(out: Path) -> dict[str, dict[str, Any]]:
 
 def _write_tables(out: Path, manifest: pl.DataFrame, rows: dict[str, dict[str, Any]]) -> None:
     """Fold the journal into index.parquet (manifest order, extra columns kept) and failures.parquet."""
+    ids = manifest["study_id"].to_list()
+    # patient_id always comes from the current manifest, also for studies skipped as up to date.
+    patients = manifest["patient_id"].to_list() if "patient_id" in manifest.columns else [None] * len(ids)
     core = pl.DataFrame(
-        [{k: rows[sid].get(k) for k in _INDEX_SCHEMA} for sid in manifest["study_id"]], schema=_INDEX_SCHEMA
+        [
+            {**{k: rows[sid].get(k) for k in _INDEX_SCHEMA}, "patient_id": pid}
+            for sid, pid in zip(ids, patients, strict=True)
+        ],
+        schema=_INDEX_SCHEMA,
     )
     extras = manifest.drop([c for c in ("patient_id", "image_path", "label_path") if c in manifest.columns])
     index = core.join(extras, on="study_id", how="left", maintain_order="left")

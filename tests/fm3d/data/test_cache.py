@@ -11,6 +11,9 @@ import pytest
 
 from fm3d.data.cache import PreparedCache
 from fm3d.data.errors import CacheError
+from fm3d.data.io import read_volume
+from fm3d.data.prepare import prepare_cache
+from fm3d.data.preprocess import PreprocessSettings, preprocess
 
 
 def _write_cache(root: Path) -> dict[str, np.ndarray]:
@@ -134,3 +137,21 @@ def test_missing_study_file(tmp_path: Path) -> None:
     cache = PreparedCache(tmp_path)
     with pytest.raises(CacheError, match=r"b\.npy: is listed in the index but missing"):
         cache.image("b")
+
+
+def test_reads_a_cache_written_by_fm3d_prepare(shared_data: Path, tmp_path: Path) -> None:
+    source = shared_data / "ct" / "totalsegmentator" / "example_ct_sm.nii.gz"
+    pl.DataFrame({"study_id": ["x"], "patient_id": ["p"], "image_path": [str(source)]}).write_csv(
+        tmp_path / "m.csv"
+    )
+    settings = PreprocessSettings((1.5, 1.5, 1.5))
+    prepare_cache(tmp_path / "m.csv", tmp_path / "cache", settings=settings, progress=False)
+    cache = PreparedCache(tmp_path / "cache")
+    expected = preprocess(read_volume(source), settings)
+    assert cache.study_ids == ["x"] and len(cache) == 1
+    np.testing.assert_array_equal(cache.image("x"), expected.image)
+    assert cache.shape("x") == expected.image.shape == (60, 202, 244)
+    assert cache.spacing("x") == pytest.approx((1.5, 1.5, 1.5))
+    np.testing.assert_allclose(cache.affine("x"), expected.affine)
+    assert cache.record("x") == expected.record.to_dict()
+    assert cache.label("x") is None

@@ -109,6 +109,17 @@ def test_rerun_skips_unchanged_and_redoes_changed(raw: Path, tmp_path: Path, cap
     assert "0 prepared, 2 skipped (up to date), 1 failed" in capsys.readouterr().out
     assert (out / "studies" / "ts.npy").stat().st_mtime_ns == first_mtime
 
+    # Manifest-only changes (patient_id, report columns) reach the index without re-preparing.
+    relabelled = pl.read_parquet(manifest).with_columns(
+        pl.lit("p9").alias("patient_id"), pl.lit("new").alias("report")
+    )
+    relabelled.write_parquet(manifest)
+    main(args)
+    assert "0 prepared, 2 skipped" in capsys.readouterr().out
+    assert (
+        PreparedCache(out).row("ts")["patient_id"] == "p9" and PreparedCache(out).row("ts")["report"] == "new"
+    )
+
     # Same bytes but a new modification time: hashed again, found unchanged, still skipped.
     os.utime(raw / "seg.nii.gz")
     main(args)
