@@ -1,0 +1,136 @@
+"""Benchmark `fm3d prepare`: studies per second with 1 and 2 worker processes on a real CT.
+
+The TotalSegmentator example CT (122x101x30 at 3 mm, shared/data) is listed ~32 times under
+different study ids in a temporary manifest, and the real `fm3d prepare` command prepares it
+into a fresh temporary cache at the default settings (3.0 x 1.5 x 1.5 mm, HU -1000..1000).
+Wall time includes process start-up, hashing, reading, resampling and the atomic writes; CPU
+seconds are those of the command and its worker processes. Prints a markdown table and saves it
+to docs/benchmarks/prepare.md (--no-save to skip). `run_prepare_benchmark` can be called from
+the data-loading benchmark.
+
+    python benchmarks/prepare.py [--studies 32] [--workers 1 2] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import polars as pl
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CT = REPO.parent / "shared" / "data" / "ct" / "totalsegmentator" / "example_ct_sm.nii.gz"
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_prepare_benchmark(
+    source: Path = DEFAULT_CT, studies: int = 32, workers: tuple[int, ...] = (1, 2), repeats: int = 2
+) -> list[dict[str, float]]:
+    """Time `fm3d prepare` over `studies` copies of `source` for each worker count (best of `repeats`)."""
+    if not source.is_file():
+        raise FileNotFoundError(f"{source} is absent; the benchmark needs ../shared/data (see its README)")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fm3d-prepare-bench-") as tmp:
+        manifest = Path(tmp) / "manifest.csv"
+        ids = [f"study{i:03d}" for i in range(studies)]
+        pl.DataFrame({"study_id": ids, "patient_id": ids, "image_path": [str(source)] * studies}).write_csv(
+            manifest
+        )
+        for n in workers:
+            best: dict[str, float] | None = None
+            for _ in range(repeats):
+                out = Path(tmp) / f"cache-{n}"
+                shutil.rmtree(out, ignore_errors=True)
+                command = [sys.executable, "-m", "fm3d.cli", "prepare", "--manifest", str(manifest),
+                           "--out", str(out), "--workers", str(n), "--no-progress"]  # fmt: skip
+                cpu0, t0 = _children_cpu_s(), time.perf_counter()
+                subprocess.run(command, check=True, capture_output=True)
+                wall, cpu = time.perf_counter() - t0, _children_cpu_s() - cpu0
+                prepared = len(list((out / "studies").glob("*.npy")))
+                if prepared != studies:
+                    raise RuntimeError(f"expected {studies} prepared studies, found {prepared} in {out}")
+                row = {"workers": n, "studies": studies, "wall_s": wall, "studies_per_s": studies / wall,
+                       "cpu_s_per_study": cpu / studies}  # fmt: skip
+                if best is None or row["wall_s"] < best["wall_s"]:
+                    best = row
+            # A re-run of the finished cache: the cost of resuming when nothing changed.
+            t0 = time.perf_counter()
+            subprocess.run(command, check=True, capture_output=True)
+            best["rerun_s"] = time.perf_counter() - t0
+            rows.append(best)
+    return rows
+
+
+def markdown_table(rows: list[dict[str, float]]) -> str:
+    """The benchmark rows as a markdown table."""
+    lines = [
+        "| workers | studies | wall (s) | studies/s | CPU-s per study | re-run, all skipped (s) |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['workers']} | {r['studies']} | {r['wall_s']:.2f} | {r['studies_per_s']:.2f} "
+                     f"| {r['cpu_s_per_study']:.3f} | {r['rerun_s']:.2f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    """A one-line description of the machine the figures come from."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return f"{cpu}, {os.cpu_count()} cores visible, Python {platform.python_version()}, load average {load}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", type=Path, default=DEFAULT_CT)
+    parser.add_argument("--studies", type=int, default=32)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--no-save", action="store_true", help="print only; do not write docs/benchmarks/prepare.md"
+    )
+    args = parser.parse_args(argv)
+    host = machine()
+    rows = run_prepare_benchmark(args.source, args.studies, tuple(args.workers), args.repeats)
+    table = markdown_table(rows)
+    print(table)
+    print(f"\nMachine: {host}")
+    if not args.no_save:
+        doc = REPO / "docs" / "benchmarks" / "prepare.md"
+        doc.parent.mkdir(parents=True, exist_ok=True)
+        doc.write_text(
+            "# `fm3d prepare` throughput\n\n"
+            f"`python benchmarks/prepare.py --studies {args.studies} --repeats {args.repeats}`: the real "
+            f"TotalSegmentator example CT ({args.source.name}, 122x101x30 voxels at 3 mm) listed "
+            f"{args.studies} times under different study ids, prepared by the `fm3d prepare` command into "
+            "a fresh cache at the default settings (3.0 x 1.5 x 1.5 mm (D, H, W), HU -1000..1000; output "
+            "30x202x244 int16). Wall time is the whole command (start-up, hashing, reading, resampling, "
+            f"atomic writes, index), best of {args.repeats}; CPU-s counts the command and its workers. "
+            "The last column re-runs the command on the finished cache (every study skipped as up to "
+            "date).\n\n"
+            f"{table}\n\nMachine: {host}.\n"
+        )
+        print(f"saved {doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
