@@ -1,0 +1,87 @@
+"""Batched random augmentation of crop stacks: flips, rot90 in the H-W plane, intensity shift/scale.
+
+VoCo augments each crop independently with MONAI's `RandFlipd` (p=0.2 per spatial axis),
+`RandRotate90d` (p=0.2, k in 1..3, spatial_axes (0, 1) = x-y) and `RandShiftIntensityd`
+(offsets 0.1; p=0.5 in v2, 0.1 in v1) (`get_crop_transform` / `get_vanilla_transform`).
+Applying MONAI's dictionary transforms crop by crop costs a Python call chain per crop, so
+here the random parameters are drawn per crop with numpy and applied to the whole stack
+[N, C, D, H, W] at once; the deterministic operations equal MONAI's `Flip`, `Rotate90`,
+`ShiftIntensity` and `ScaleIntensity(factor=...)` (tests compare them).
+
+Parameters come from a caller-owned `numpy.random.Generator`, so a dataset seeded per
+worker gives reproducible samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Probabilities and ranges of the random augmentations (defaults: VoCo-v2's)."""
+
+    flip_prob: float = 0.2  # per spatial axis
+    rot90_prob: float = 0.2  # quarter turns in the H-W plane (VoCo's x-y), k uniform in 1..3
+    shift_prob: float = 0.5
+    shift_offset: float = 0.1  # intensity + U(-offset, offset), on the [0, 1] scale
+    scale_prob: float = 0.0
+    scale_factor: float = 0.1  # intensity * (1 + U(-factor, factor))
+
+
+@dataclass
+class AugmentParams:
+    """Random draws for N crops: which axes flip, how many quarter turns, intensity offsets/factors."""
+
+    flips: np.ndarray  # [N, 3] bool, axes (D, H, W)
+    rot90_k: np.ndarray  # [N] int in 0..3
+    offsets: np.ndarray  # [N] float, 0 where not shifted
+    factors: np.ndarray  # [N] float, 0 where not scaled
+
+    @classmethod
+    def draw(
+        cls, n: int, rng: np.random.Generator, config: AugmentConfig, spatial: bool = True
+    ) -> AugmentParams:
+        """Draw parameters for `n` crops; `spatial=False` keeps orientation (intensity only)."""
+        flips = rng.random((n, 3)) < config.flip_prob
+        turns = rng.integers(1, 4, size=n) * (rng.random(n) < config.rot90_prob)
+        if not spatial:
+            flips[:] = False
+            turns[:] = 0
+        offsets = rng.uniform(-config.shift_offset, config.shift_offset, n) * (
+            rng.random(n) < config.shift_prob
+        )
+        factors = rng.uniform(-config.scale_factor, config.scale_factor, n) * (
+            rng.random(n) < config.scale_prob
+        )
+        return cls(flips, turns.astype(np.int64), offsets, factors)
+
+
+def apply_augmentation(x: torch.Tensor, params: AugmentParams) -> torch.Tensor:
+    """Augment a stack [N, C, D, H, W] crop by crop; returns a new tensor.
+
+    rot90 needs H == W (VoCo's crops are cubes); for other shapes set rot90_prob to 0.
+    """
+    n = x.shape[0]
+    if len(params.rot90_k) != n:
+        raise ValueError(f"augmentation parameters are for {len(params.rot90_k)} crops, the stack has {n}")
+    for axis in range(3):
+        mask = torch.from_numpy(params.flips[:, axis])
+        if mask.any():
+            x = torch.where(mask.view(n, 1, 1, 1, 1), x.flip(2 + axis), x)
+    if params.rot90_k.any():
+        if x.shape[-1] != x.shape[-2]:
+            raise ValueError(f"rot90 in the H-W plane needs H == W, got a stack of shape {tuple(x.shape)}")
+        x = x.clone()
+        for k in (1, 2, 3):
+            index = torch.from_numpy(np.flatnonzero(params.rot90_k == k))
+            if len(index):
+                # MONAI Rotate90(spatial_axes=(0, 1)) turns x towards y; x is W (dim 4), y is H (dim 3).
+                x[index] = torch.rot90(x[index], k, dims=(4, 3))
+    scale = torch.from_numpy(1.0 + params.factors).to(x.dtype).view(n, 1, 1, 1, 1)
+    shift = torch.from_numpy(params.offsets).to(x.dtype).view(n, 1, 1, 1, 1)
+    # MONAI order: RandShiftIntensity comes last in VoCo; scale (fm3d's addition) before it.
+    return x * scale + shift
