@@ -1,0 +1,124 @@
+"""`fm3d evaluate`: test a fine-tuned task and write its metrics table, detail tables and figures.
+
+Takes the same arguments as `fm3d finetune test` (config, `--model.encoder`, `--ckpt_path`)
+plus `--out DIR` (default `<trainer.default_root_dir>/evaluation`). Writes into DIR:
+
+    metrics.md, metrics.csv      one row per headline metric (task, metric, value)
+    <table>.csv                  detail tables (e.g. dice_per_class.csv)
+    <figure>.png                 the task's figures (Dice per class, ROC, Kaplan-Meier, recall@K)
+
+and logs the metrics and every file to the run's MLflow store (embedded SQLite under the run
+folder unless the config names another logger).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import polars as pl
+from lightning.pytorch.loggers import MLFlowLogger
+
+from downstream.base import Evaluation
+from downstream.cli import FinetuneError, build_cli
+
+logger = logging.getLogger(__name__)
+
+
+def metrics_table(evaluation: Evaluation) -> pl.DataFrame:
+    """The headline metrics as a (task, metric, value) table."""
+    return pl.DataFrame(
+        {
+            "task": [evaluation.task] * len(evaluation.metrics),
+            "metric": list(evaluation.metrics),
+            "value": [float(v) for v in evaluation.metrics.values()],
+        },
+        schema={"task": pl.String, "metric": pl.String, "value": pl.Float64},
+    )
+
+
+def to_markdown(table: pl.DataFrame, float_format: str = "{:.4f}") -> str:
+    """A GitHub-flavoured markdown table."""
+
+    def cell(value: Any) -> str:
+        return float_format.format(value) if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.iter_rows()]
+    return "\n".join(lines) + "\n"
+
+
+def write_evaluation(evaluation: Evaluation, figures: dict[str, Any], out_dir: str | Path) -> list[Path]:
+    """Write the metrics table (markdown + CSV), detail tables (CSV) and figures (PNG); returns the files."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = metrics_table(evaluation)
+    written = [out / "metrics.csv", out / "metrics.md"]
+    table.write_csv(written[0])
+    text = f"# {evaluation.task} evaluation\n\n" + to_markdown(table)
+    for name, detail in evaluation.tables.items():
+        detail.write_csv(out / f"{name}.csv")
+        written.append(out / f"{name}.csv")
+        text += f"\n## {name}\n\n" + to_markdown(detail)
+    written[1].write_text(text)
+    for name, figure in figures.items():
+        path = out / f"{name}.png"
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def log_to_mlflow(run_logger: MLFlowLogger, evaluation: Evaluation, files: list[Path]) -> None:
+    """Log the evaluation metrics (as `eval/<metric>`) and files (under `evaluation/`) to the MLflow run."""
+    client, run_id = run_logger.experiment, run_logger.run_id
+    for name, value in evaluation.metrics.items():
+        if value == value:  # MLflow rejects NaN
+            client.log_metric(run_id, f"eval/{name}", float(value))
+    for path in files:
+        client.log_artifact(run_id, str(path), artifact_path="evaluation")
+
+
+def _pop_option(argv: list[str], name: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            value = argv[i + 1]
+            del argv[i : i + 2]
+            return value
+        if arg.startswith(name + "="):
+            del argv[i]
+            return arg.split("=", 1)[1]
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `fm3d evaluate`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(
+            "usage: fm3d evaluate --config conf/downstream/<task>.yaml --model.encoder PATH|NAME "
+            "[--ckpt_path CKPT] [--out DIR] [finetune test options...]"
+        )
+        return 0 if argv else 2
+    out = _pop_option(argv, "--out")
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    try:
+        cli = build_cli(["test", *argv])
+    except FinetuneError as exc:
+        print(f"fm3d evaluate: {exc}", file=sys.stderr)
+        return 2
+    task = cli.model
+    if task.evaluation is None:
+        print("fm3d evaluate: the test split produced no evaluation (is it empty?)", file=sys.stderr)
+        return 1
+    out_dir = Path(out) if out else Path(cli.trainer.default_root_dir) / "evaluation"
+    files = write_evaluation(task.evaluation, task.figures(task.collected, task.evaluation), out_dir)
+    if isinstance(cli.trainer.logger, MLFlowLogger):
+        log_to_mlflow(cli.trainer.logger, task.evaluation, files)
+    print(to_markdown(metrics_table(task.evaluation)))
+    print(f"fm3d evaluate: wrote {len(files)} files to {out_dir}")
+    return 0
