@@ -96,7 +96,10 @@ def _series_files(folder: Path, series_uid: str | None) -> list[Path]:
         if not (file.name.lower().endswith(".dcm") or _has_preamble(file)):
             continue  # READMEs, label files and other companions of a series folder
         header = _read(file, header_only=True)
-        uid = str(header.get("SeriesInstanceUID", "<no SeriesInstanceUID>"))
+        if "SeriesInstanceUID" not in header:
+            logger.debug("ignoring %s: a DICOM file outside any series (e.g. DICOMDIR)", file)
+            continue
+        uid = str(header.SeriesInstanceUID)
         series.setdefault(uid, []).append(file)
         descriptions.setdefault(uid, str(header.get("SeriesDescription", "") or "no description"))
     if not series:
@@ -312,7 +315,7 @@ def _slice_step(source: Path, slices: list[_Slice], heights: np.ndarray, normal:
 
 
 def _meta(source: Path, ds: Dataset, kind: str, n_slices: int) -> dict:
-    syntax = ds.file_meta.get("TransferSyntaxUID") if "file_meta" in dir(ds) else None
+    syntax = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
     return {
         "source": str(source),
         "format": kind,

@@ -72,9 +72,9 @@ def read_volume(path: str | Path, *, series_uid: str | None = None) -> Volume:
 
         volume = read_dicom(path, series_uid=series_uid)
     elif kind == "nifti":
-        volume = _read_nifti(path, label=False)
+        volume = _read_nifti(path)
     else:
-        volume = _read_nrrd(path, label=False)
+        volume = _read_nrrd(path)
     volume.array = _as_hu(path, volume.array)
     return volume
 
@@ -87,7 +87,7 @@ def read_label(path: str | Path) -> Volume:
         raise VolumeReadError(
             path, "DICOM label maps (DICOM-SEG) are not supported", "convert it to NIfTI or NRRD first"
         )
-    volume = _read_nifti(path, label=True) if kind == "nifti" else _read_nrrd(path, label=True)
+    volume = _read_nifti(path) if kind == "nifti" else _read_nrrd(path)
     volume.array = _as_label(path, volume.array)
     return volume
 
@@ -118,7 +118,7 @@ def _has_dicom_preamble(path: Path) -> bool:
         return f.read(132)[128:132] == b"DICM"
 
 
-def _read_nifti(path: Path, *, label: bool) -> Volume:
+def _read_nifti(path: Path) -> Volume:
     try:
         image = nib.load(path)
         if len(image.shape) == 4 and image.shape[3] == 1:
@@ -147,7 +147,7 @@ def _read_nifti(path: Path, *, label: bool) -> Volume:
     return Volume(array=array, affine=affine, spacing=spacing_of(affine), meta=meta)
 
 
-def _read_nrrd(path: Path, *, label: bool) -> Volume:
+def _read_nrrd(path: Path) -> Volume:
     try:
         array, header = nrrd.read(str(path))
     except Exception as exc:  # pynrrd raises NRRDError, zlib and value errors for damaged files

@@ -15,6 +15,9 @@ import polars as pl
 
 from fm3d.data.errors import ManifestError
 
+# Read as text even when they look numeric: "007" must stay "007", not become 7.
+_TEXT_COLUMNS = {"study_id": pl.String, "patient_id": pl.String}
+
 
 def load_manifest(
     path: str | Path, *, series_uid_column: str | None = None, reserved: dict[str, Any] | None = None
@@ -31,7 +34,7 @@ def load_manifest(
         frame = (
             pl.read_parquet(path)
             if path.suffix.lower() in (".parquet", ".pq")
-            else pl.read_csv(path, infer_schema_length=10000)
+            else pl.read_csv(path, infer_schema_length=10000, schema_overrides=_TEXT_COLUMNS)
         )
     except Exception as exc:  # polars raises compute, IO and parse errors
         raise ManifestError(

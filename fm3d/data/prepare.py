@@ -128,7 +128,7 @@ def prepare_cache(
 
 def _run(tasks: list[StudyTask], out: Path, settings: PreprocessSettings, workers: int):
     """Results of `prepare_study` in completion order, from this process or a pool of processes."""
-    if workers <= 1:
+    if workers <= 1 or len(tasks) <= 1:  # a pool costs a fork server and worker start-up
         for task in tasks:
             yield prepare_study(task, out, settings)
         return

@@ -191,6 +191,13 @@ def test_bad_manifests(tmp_path: Path, capsys, frame: pl.DataFrame, message: str
     assert re.search(message, err), err
 
 
+def test_numeric_looking_ids_stay_text(tmp_path: Path) -> None:
+    (tmp_path / "m.csv").write_text("study_id,patient_id,image_path\n007,0042,none.nii.gz\n")
+    prepare_cache(tmp_path / "m.csv", tmp_path / "c", progress=False)
+    index = pl.read_parquet(tmp_path / "c" / "index.parquet")
+    assert index.select("study_id", "patient_id", "status").row(0) == ("007", "0042", "failed")
+
+
 def test_killed_run_resumes_with_every_study_once(shared_data: Path, tmp_path: Path) -> None:
     """SIGKILL a real `fm3d prepare` process midway, re-run it, and check nothing is lost or repeated."""
     source = shared_data / "ct" / "totalsegmentator" / "example_ct_sm.nii.gz"
