@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+from tqdm.auto import tqdm
 
 from ehr.binning import quantile_bin_edges
 from ehr.errors import StudyTableError, TaskSpecError
@@ -149,28 +150,46 @@ def build_study_labels(
         raise TaskSpecError(dataset.root, f"window_days must be non-negative, got {window_days}")
     studies = check_studies(studies).with_row_index("row")
     subject_ids = pl.Series(studies["subject_id"].unique(), dtype=pl.Int64).implode()
-    events = dataset.events(columns=("subject_id", "time", "code")).filter(
-        pl.col("time").is_not_null() & pl.col("subject_id").is_in(subject_ids)
-    )
 
     task_codes = pl.DataFrame({"code": tasks, "task": np.arange(len(tasks), dtype=np.uint32)})
     if expand_parents:  # an event of code c counts for every task that is c or one of its ancestors
         descendants = code_ancestors(dataset).join(task_codes, left_on="ancestor", right_on="code")
         task_codes = pl.concat([task_codes, descendants.select("code", "task")]).unique()
 
-    # One streaming pass per table, each filtered before any join so only the rows needed are
-    # materialised; passes run one after the other to keep peak memory at the largest one.
-    last = events.group_by("subject_id").agg(last_time=pl.col("time").max()).collect(engine="streaming")
-    task_events = (
-        events.filter(pl.col("code").is_in(task_codes["code"].implode()))
-        .join(task_codes.lazy(), on="code")
-        .select("subject_id", "task", "time")
-        .unique()
-        .collect(engine="streaming")
-    )
+    # Shard by shard (MEDS keeps a subject in one shard, and the results are merged anyway),
+    # one streaming pass per table, each filtered before any join: peak memory stays at what
+    # one shard's scan needs instead of polars reading ahead across all files.
+    any_prefix = "^(?:" + "|".join(re.escape(p) for group in phenotypes.values() for p in group) + ")"
+    lasts, task_parts, matched_parts = [], [], []
+    for path in tqdm(
+        dataset.files, desc="labels: scanning shards", unit="shard", disable=len(dataset.files) < 4
+    ):
+        events = dataset.events(columns=("subject_id", "time", "code"), files=[path]).filter(
+            pl.col("time").is_not_null() & pl.col("subject_id").is_in(subject_ids)
+        )
+        lasts.append(
+            events.group_by("subject_id").agg(last_time=pl.col("time").max()).collect(engine="streaming")
+        )
+        task_parts.append(
+            events.filter(pl.col("code").is_in(task_codes["code"].implode()))
+            .join(task_codes.lazy(), on="code")
+            .select("subject_id", "task", "time")
+            .unique()
+            .collect(engine="streaming")
+        )
+        if phenotypes:
+            matched_parts.append(
+                events.filter(pl.col("code").str.contains(any_prefix)).collect(engine="streaming")
+            )
+    last = pl.concat(lasts).group_by("subject_id").agg(pl.col("last_time").max())
+    task_events = pl.concat(task_parts)
+    absent = sorted(set(tasks) - {tasks[k] for k in task_events["task"].unique().to_list()})
+    if absent:
+        logger.warning(
+            "%d task code(s) never occur for these subjects (all censored), e.g. %s", len(absent), absent[:3]
+        )
     if phenotypes:
-        any_prefix = "^(?:" + "|".join(re.escape(p) for group in phenotypes.values() for p in group) + ")"
-        matched = events.filter(pl.col("code").str.contains(any_prefix)).collect(engine="streaming")
+        matched = pl.concat(matched_parts)
         group_events = (
             matched.join(phenotype_codes(matched["code"], phenotypes), on="code")
             .select("subject_id", "group", "time")

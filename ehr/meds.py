@@ -157,6 +157,7 @@ class MEDSDataset:
         start: datetime | None = None,
         end: datetime | None = None,
         columns: Sequence[str] = CORE_COLUMNS,
+        files: Sequence[Path] | None = None,
     ) -> pl.LazyFrame:
         """Events as one LazyFrame with MEDS dtypes; filters are pushed into the parquet scans.
 
@@ -165,9 +166,11 @@ class MEDSDataset:
             start, end: keep events with `start <= time < end` (static, null-time rows drop out).
             columns: core columns (missing optional ones are null-filled) plus any extra
                 column present in every file.
+            files: only these data files (from `self.files`), e.g. to process shard by shard.
         """
         frames = []
-        for path, schema in self.schemas.items():
+        for path in self.files if files is None else files:
+            schema = self.schemas[Path(path)]
             selected = []
             for column in columns:
                 if column in schema:

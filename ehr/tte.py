@@ -11,7 +11,6 @@ parameters.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 
@@ -20,8 +19,6 @@ import torch
 from torch import nn
 
 from ehr.binning import quantile_bin_edges
-
-logger = logging.getLogger(__name__)
 
 # Time at risk is clamped to this before taking its log, so bins the study never reached give
 # exp(log_hazard + log(tiny)) ~ 0 with finite gradients instead of exp(-inf) in backward.
