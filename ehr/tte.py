@@ -118,6 +118,9 @@ def piecewise_exponential_nll(
     elif mask.dim() == 1:
         mask = mask[:, None].expand(n, num_tasks)
     mask = mask.to(dtype=torch.bool, device=log_hazard.device)
+    # At least float32: in bf16 a time of 365 days is only resolved to 2 days and exp() overflows
+    # early, so a head running under bf16 autocast still gets an accurate loss.
+    log_hazard = log_hazard.to(torch.promote_types(log_hazard.dtype, torch.float32))
     event = event.to(dtype=torch.bool, device=log_hazard.device) & mask
     # Sanitise masked times so neither forward nor backward ever sees NaN/inf from them.
     time = torch.where(mask, time_days.to(log_hazard), torch.zeros_like(log_hazard[:, 0]))

@@ -161,3 +161,14 @@ def test_bad_edges_rejected():
         PiecewiseExponentialHead(4, 2, [0.0, 10.0])
     with pytest.raises(ValueError, match="strictly increasing"):
         PiecewiseExponentialHead(4, 2, [0.0, 10.0, 10.0, math.inf])
+
+
+def test_low_precision_input_is_computed_in_float32():
+    log_hazard, time, event = small_case(torch.float32)
+    reference = piecewise_exponential_nll(log_hazard.bfloat16().float(), time, event, EDGES)
+    low = log_hazard.bfloat16().requires_grad_(True)
+    loss = piecewise_exponential_nll(low, time, event, EDGES)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, reference)
+    loss.backward()
+    assert low.grad.dtype == torch.bfloat16 and torch.isfinite(low.grad.float()).all()
