@@ -118,6 +118,9 @@ class CTDataModule(L.LightningDataModule):
         self.split_fractions, self.seed = tuple(split_fractions), seed
         self.persistent_workers, self.pin_memory = persistent_workers, pin_memory
         self.datasets: dict[str, CTDataset] = {}
+        # One generator for the module's lifetime: a re-created loader continues the stream
+        # instead of replaying the first epoch's shuffle and worker seeds.
+        self._generator = torch.Generator().manual_seed(seed)
 
     # What the model needs to know about the data, before setup (for LightningCLI links).
     @cached_property
@@ -183,7 +186,7 @@ class CTDataModule(L.LightningDataModule):
             num_workers=workers,
             collate_fn=collate_samples,
             worker_init_fn=seed_worker if workers > 0 else None,
-            generator=torch.Generator().manual_seed(self.seed),
+            generator=self._generator if shuffle else None,  # eval samples are seeded per index
             persistent_workers=self.persistent_workers and workers > 0,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
         )

@@ -1,0 +1,141 @@
+"""CTDataModule with a real Trainer and LightningCLI over a prepared demo cohort."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import polars as pl
+import pytest
+import torch
+from lightning.pytorch.cli import LightningCLI
+
+from fm3d.data.datamodule import CTDataModule
+from fm3d.data.demo import generate_demo_cohort
+from fm3d.data.prepare import prepare_cache
+
+SMALL = dict(image_size=(8, 32, 32), voco="tiny", batch_size=2, split_fractions=(0.5, 0.25, 0.25))
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("demo")
+    manifest = generate_demo_cohort(root, num_studies=12, seed=0, progress=False)
+    prepare_cache(manifest, root / "cache", progress=False)
+    ids = pl.read_parquet(manifest)["study_id"].to_list()
+    labels = pl.DataFrame(
+        {
+            "study_id": ids[:8],
+            "phenotype": [[float(i % 2)] * 5 for i in range(8)],
+            "tte_time": [[100.0 + i, 50.0, 7.0] for i in range(8)],
+            "tte_event": [[i % 2 == 0, False, True] for i in range(8)],
+        }
+    )
+    labels.write_parquet(root / "labels.parquet")
+    return {"root": root, "cache": root / "cache", "labels": root / "labels.parquet"}
+
+
+def test_model_facing_properties_before_setup(demo):
+    dm = CTDataModule(demo["cache"], labels=demo["labels"], **SMALL)
+    assert (dm.num_phenotypes, dm.num_tasks) == (5, 3)
+    assert CTDataModule(demo["cache"], **SMALL).num_phenotypes == 0
+
+
+def test_patient_level_splits_and_reports_from_the_index(demo):
+    dm = CTDataModule(demo["cache"], labels=demo["labels"], num_workers=0, **SMALL)
+    dm.setup("fit")
+    index = pl.read_parquet(demo["cache"] / "index.parquet").select("study_id", "patient_id")
+    owner = dict(index.iter_rows())
+    seen: dict[str, str] = {}
+    for split in ("train", "val", "test"):
+        assert len(dm.datasets[split]) > 0
+        for sid in dm.datasets[split].study_ids:
+            assert seen.setdefault(owner[sid], split) == split
+    assert sum(len(dm.datasets[s]) for s in ("train", "val", "test")) == index.height
+    assert len(dm.datasets["predict"]) == index.height
+    batch = next(iter(dm.predict_dataloader()))
+    assert batch["has_report"].all() and "IMPRESSION" not in batch["report"][0]
+    assert "\n" in batch["report"][0]  # findings + impression joined
+    assert batch["voco_labels"].shape == (2, 2, 4) and batch["phenotype"].shape == (2, 5)
+
+
+def _first_batches(demo, seed: int, workers: int) -> list[dict]:
+    dm = CTDataModule(demo["cache"], num_workers=workers, seed=seed, persistent_workers=False, **SMALL)
+    dm.setup("fit")
+    batches = []
+    for _ in range(2):  # two epochs
+        batches.extend(iter(dm.train_dataloader()))
+    return batches
+
+
+def test_worker_seeding_makes_runs_reproducible(demo):
+    first, again, other = (_first_batches(demo, 0, 2), _first_batches(demo, 0, 2), _first_batches(demo, 1, 2))
+    for a, b in zip(first, again, strict=True):
+        assert a["study_id"] == b["study_id"]
+        assert torch.equal(a["voco_crops"], b["voco_crops"]) and torch.equal(a["image"], b["image"])
+    assert not all(torch.equal(a["voco_crops"], b["voco_crops"]) for a, b in zip(first, other, strict=False))
+    # the two epochs differ from each other (the stream continues)
+    half = len(first) // 2
+    assert not all(
+        torch.equal(a["voco_crops"], b["voco_crops"])
+        for a, b in zip(first[:half], first[half:], strict=False)
+    )
+
+
+class _TinyModel(L.LightningModule):
+    """Consumes the batch contract: image, VoCo crops and phenotypes (masked by has_ehr)."""
+
+    def __init__(self, num_phenotypes: int = 1) -> None:
+        super().__init__()
+        self.num_phenotypes = num_phenotypes
+        self.head = torch.nn.Linear(2, num_phenotypes)
+
+    def _loss(self, batch):
+        features = torch.stack(
+            [batch["image"].mean((1, 2, 3, 4)), batch["voco_crops"].mean((1, 2, 3, 4, 5))], 1
+        )
+        logits = self.head(features)
+        per_study = torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, batch["phenotype"], reduction="none"
+        ).mean(1)
+        return (per_study * batch["has_ehr"]).sum() / batch["has_ehr"].sum().clamp(min=1)
+
+    def training_step(self, batch, batch_idx):
+        return self._loss(batch)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self._loss(batch), batch_size=len(batch["study_id"]))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_fit_with_a_real_trainer(demo, tmp_path):
+    dm = CTDataModule(demo["cache"], labels=demo["labels"], num_workers=0, **SMALL)
+    model = _TinyModel(dm.num_phenotypes)
+    trainer = L.Trainer(
+        max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=dm)
+    assert trainer.global_step > 0 and "val_loss" in trainer.callback_metrics
+
+
+class _LinkedCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser):
+        parser.link_arguments("data.num_phenotypes", "model.num_phenotypes", apply_on="instantiate")
+
+
+def test_lightning_cli_fills_the_datamodule_from_yaml(demo, tmp_path):
+    config = tmp_path / "data.yaml"
+    config.write_text(
+        "data:\n"
+        f"  cache_dir: {demo['cache']}\n"
+        f"  labels: {demo['labels']}\n"
+        "  voco: tiny\n  image_size: [8, 32, 32]\n  batch_size: 2\n  num_workers: 0\n"
+        "  split_fractions: [0.5, 0.25, 0.25]\n  seed: 3\n  report_columns: [impression]\n"
+    )
+    cli = _LinkedCLI(_TinyModel, CTDataModule, run=False, args=["--config", str(config)])
+    assert isinstance(cli.datamodule, CTDataModule)
+    assert cli.datamodule.spec.image_size == (8, 32, 32) and cli.datamodule.report_columns == ("impression",)
+    assert cli.model.num_phenotypes == 5
