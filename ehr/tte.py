@@ -45,6 +45,10 @@ def fit_bin_edges(
 
 def _check_edges(bin_edges_days: Sequence[float] | torch.Tensor) -> torch.Tensor:
     edges = torch.as_tensor(bin_edges_days, dtype=torch.float64).flatten()
+    if edges.device.type != "cpu":
+        # Edges already on an accelerator come from a head that checked them on construction;
+        # checking values again would force a device sync every training step.
+        return edges
     if edges.numel() < 2 or edges[0] != 0 or not math.isinf(float(edges[-1])):
         raise ValueError(
             "bin edges must start at 0 and end at +inf (B + 1 values, as fit_bin_edges returns), "
