@@ -8,12 +8,15 @@ and open_clip).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 # Parameter names (any dotted component containing one of these) that never take weight decay,
 # whatever their shape: position embeddings and learned tokens are tables of values, not maps.
@@ -102,7 +105,13 @@ def build_optimizer(
     module: nn.Module, settings: OptimizerSettings, max_steps: int
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over `module`'s parameter groups and its per-step warmup-cosine scheduler."""
+    warmup_steps = settings.warmup_steps
+    if warmup_steps > max_steps:
+        # Short runs (demos, smoke tests) keep the config's warmup but cannot outlast the run.
+        logger.warning("warmup_steps=%d exceeds the run's %d steps; warming up over all of them",
+                       warmup_steps, max_steps)
+        warmup_steps = max_steps
     groups = parameter_groups(module.named_parameters(), settings.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=tuple(settings.betas))
-    schedule = WarmupCosine(settings.warmup_steps, max_steps, settings.min_lr_ratio)
+    schedule = WarmupCosine(warmup_steps, max_steps, settings.min_lr_ratio)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

@@ -91,6 +91,11 @@ def test_scheduler_state_round_trips() -> None:
     assert state["lr_lambdas"][0] == {"warmup_steps": 2, "max_steps": 7, "min_ratio": 0.0}
 
 
+def test_warmup_longer_than_the_run_is_cut_to_the_run() -> None:
+    _, scheduler = build_optimizer(nn.Linear(2, 2), OptimizerSettings(warmup_steps=10), max_steps=4)
+    assert scheduler.state_dict()["lr_lambdas"][0]["warmup_steps"] == 4
+
+
 @pytest.mark.parametrize(("warmup", "total"), [(5, 4), (-1, 4), (0, 0)])
 def test_bad_schedule_settings_raise(warmup: int, total: int) -> None:
     with pytest.raises(ValueError):

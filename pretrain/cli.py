@@ -1,0 +1,186 @@
+"""`fm3d pretrain {fit,validate}`: LightningCLI over the PretrainModule and the CT data module.
+
+    fm3d pretrain fit --config conf/pretrain/demo.yaml
+    fm3d pretrain fit --config conf/pretrain/full.yaml --config conf/trainer/gpu.yaml --trainer.max_steps 1000
+    fm3d pretrain fit --config conf/pretrain/demo.yaml --ckpt_path last     # resume the newest demo run
+    fm3d pretrain fit --config conf/pretrain/demo.yaml --print_config       # the resolved config
+
+What this adds to LightningCLI's defaults:
+- a run folder per run, `<runs_root>/<name>/<timestamp>` (or `--trainer.default_root_dir`),
+  holding `config.yaml`, `checkpoints/`, `mlflow.db` + `mlartifacts/`, `plots/`, `export/`;
+- MLflow tracking into that folder (`--tracking_uri` for a server), atomic checkpoint writes,
+  `checkpoints/last.ckpt` every epoch, and `--ckpt_path last` finding the newest run's last.ckpt;
+- at the end of fit, `export/encoder` (fm3d.save_encoder) and `export/clip` when CLIP trains.
+
+All ranks of a multi-process run must agree on the run folder: it comes from
+`--trainer.default_root_dir`, else `$FM3D_RUN_DIR`, else the SLURM job id
+(`<name>/slurm-<jobid>`, stable across requeues), else torchrun's `--rdzv-id`, else a
+timestamp that is handed to processes Lightning spawns through `$FM3D_RUN_DIR`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.plugins.io import CheckpointIO
+
+from pretrain.callbacks import ExportEncoder, TrainingPlots
+from pretrain.checkpoint_io import AtomicCheckpointIO
+from pretrain.module import PretrainConfigError, PretrainModule
+from pretrain.tracking import build_mlflow_logger, local_tracking_uri, log_artifacts, remember_run_id
+
+logger = logging.getLogger(__name__)
+
+RUN_DIR_ENV = "FM3D_RUN_DIR"
+
+
+def resolve_run_dir(
+    name: str,
+    runs_root: str | Path,
+    default_root_dir: str | Path | None = None,
+    ckpt_path: str | None = None,
+    environ: Mapping[str, str] = os.environ,
+) -> Path:
+    """The run folder, the same on every rank of one run (see the module docstring for the order).
+
+    With `ckpt_path="last"` and no explicit folder, the newest run of that name that has a
+    `checkpoints/last.ckpt` is resumed.
+    """
+    if default_root_dir is not None:
+        return Path(default_root_dir)
+    if environ.get(RUN_DIR_ENV):
+        return Path(environ[RUN_DIR_ENV])
+    base = Path(runs_root) / name
+    if ckpt_path == "last":
+        candidates = sorted(base.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not candidates:
+            raise PretrainConfigError(
+                f"--ckpt_path last: no earlier run of {name!r} has a checkpoints/last.ckpt under {base}; "
+                "pass --trainer.default_root_dir <run folder> or a checkpoint file"
+            )
+        return candidates[-1].parent.parent
+    if environ.get("SLURM_JOB_ID"):
+        return base / f"slurm-{environ['SLURM_JOB_ID']}"
+    if environ.get("TORCHELASTIC_RUN_ID", "none") != "none":
+        return base / environ["TORCHELASTIC_RUN_ID"]
+    return base / time.strftime("%Y%m%d-%H%M%S")
+
+
+class TrackedConfig(SaveConfigCallback):
+    """Write the resolved config to `<run>/config.yaml` and log it to MLflow (config + params)."""
+
+    def save_config(self, trainer: Trainer, pl_module, stage: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        path = Path(trainer.default_root_dir) / self.config_filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=False)
+        log_artifacts(trainer, path)
+        remember_run_id(trainer, trainer.default_root_dir)
+        for tracker in trainer.loggers:
+            tracker.log_hyperparams(_flatten(self.config.as_dict(), skip=("trainer.callbacks",)))
+
+
+def _flatten(tree: Mapping, prefix: str = "", skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """Nested config -> {"model.optimizer.lr": "0.001", ...} for MLflow params (strings <= 500 chars)."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if path in skip:
+            continue
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{path}.", skip))
+        else:
+            flat[path] = json.dumps(value, default=str)[:500]
+    return flat
+
+
+class PretrainCLI(LightningCLI):
+    """LightningCLI with fm3d's run folder, MLflow tracking, atomic checkpoints and export."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        from fm3d.data.datamodule import CTDataModule
+
+        self.run_dir: Path | None = None
+        self.tracking_uri: str | None = None
+        super().__init__(
+            model_class=PretrainModule,
+            datamodule_class=CTDataModule,
+            save_config_callback=TrackedConfig,
+            save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
+            seed_everything_default=0,
+            auto_configure_optimizers=False,
+            args=args,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--name", default="pretrain", help="run name: runs go to <runs_root>/<name>/")
+        parser.add_argument("--runs_root", default="runs", help="folder holding one subfolder per run name")
+        parser.add_argument(
+            "--tracking_uri",
+            type=str | None,
+            default=None,
+            help="MLflow tracking server URI; default: an SQLite store inside the run folder",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        run_dir = resolve_run_dir(
+            config.name, config.runs_root, config.trainer.default_root_dir, config.get("ckpt_path")
+        )
+        config.trainer.default_root_dir = str(run_dir)
+        if config.get("ckpt_path") == "last":
+            last = run_dir / "checkpoints" / "last.ckpt"
+            if not last.is_file():
+                raise PretrainConfigError(f"--ckpt_path last: {last} does not exist; nothing to resume")
+            config.ckpt_path = str(last)
+        # Processes Lightning spawns itself (DDP on one node) re-run this command: same folder.
+        os.environ[RUN_DIR_ENV] = str(run_dir.resolve())
+        self.run_dir = run_dir
+        self.tracking_uri = config.tracking_uri
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        callbacks = list(trainer_config.get("callbacks") or [])
+        if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+            # Only last.ckpt: pretraining has no validation score to keep the "best" by.
+            checkpoints = ModelCheckpoint(dirpath=self.run_dir / "checkpoints", save_last=True, save_top_k=0)
+            callbacks.append(checkpoints)
+        callbacks += [ExportEncoder(), TrainingPlots(), LearningRateMonitor(logging_interval="step")]
+        kwargs["callbacks"] = callbacks
+        if trainer_config.get("logger") in (None, True):
+            kwargs["logger"] = build_mlflow_logger(self.run_dir, config.name, self.tracking_uri)
+        plugins = trainer_config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        kwargs["plugins"] = plugins
+        return super().instantiate_trainer(**kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `fm3d pretrain`; prints where the run went and its final metrics."""
+    cli = PretrainCLI(args=argv)
+    if cli.subcommand is None or not cli.trainer.is_global_zero:
+        return 0
+    print(f"run folder: {cli.run_dir.resolve()}")
+    print(f"MLflow:     {cli.tracking_uri or local_tracking_uri(cli.run_dir)}  "
+          f"(browse: mlflow ui --backend-store-uri {cli.tracking_uri or local_tracking_uri(cli.run_dir)})")
+    if cli.subcommand == "fit" and (cli.run_dir / "export" / "encoder").is_dir():
+        print(f"encoder:    {(cli.run_dir / 'export' / 'encoder').resolve()}")
+    metrics = {k: float(v) for k, v in sorted(cli.trainer.callback_metrics.items()) if v.numel() == 1}
+    if metrics:
+        print("final metrics:")
+        for key, value in metrics.items():
+            print(f"  {key:40s} {value:.4f}")
+    return 0
