@@ -13,8 +13,9 @@ says why a study has no usable EHR: `unknown_subject` (no timed events for the s
 after it). Those rows get `has_ehr = False` and zeros in every label column, are counted in the
 summary and logged as a warning.
 
-Both label kinds are as-of joins (study x task grid against sorted event times), so the cost is
-O(events + studies x (tasks + groups)) with no per-study Python loop; only the subject_id, time
+Both label kinds match a (study x task / group) grid against sorted event times (a stacked
+sort + backward fill, an as-of join), so the cost is O(events + studies x (tasks + groups))
+with no per-study Python loop; only the subject_id, time
 and code columns are scanned, filtered to the studies' subjects and the codes needed, and
 collected with polars' streaming engine.
 """
@@ -116,6 +117,36 @@ def _matrix(long: pl.DataFrame, column: str, rows: int, width: int, ok_rows: np.
     return pl.Series(column, values).cast(pl.List(inner))
 
 
+def _next_event_after(grid: pl.DataFrame, events: pl.DataFrame, key: str) -> pl.Series:
+    """For each grid row, the first event time of the same (subject_id, key) strictly after study_time.
+
+    Studies and events are stacked and sorted by (subject_id, key, time) with events first on
+    ties, so a backward fill hands each study the next later event; a fill that crossed into
+    another group is discarded. Cheaper in memory than an as-of join with `by` groups.
+    """
+    stacked = pl.concat(
+        [
+            events.select("subject_id", key, "time", event_time="time", position=pl.lit(None, pl.UInt32)),
+            grid.select(
+                "subject_id",
+                key,
+                time="study_time",
+                event_time=pl.lit(None, pl.Datetime("us")),
+                position=pl.int_range(pl.len(), dtype=pl.UInt32),
+            ),
+        ]
+    ).sort("subject_id", key, "time", "position", nulls_last=False)  # null position = event first
+    is_event = pl.col("position").is_null()
+    filled = stacked.select(
+        "position",
+        event_time=pl.col("event_time").backward_fill(),
+        same_group=(pl.when(is_event).then(pl.col("subject_id")).backward_fill() == pl.col("subject_id"))
+        & (pl.when(is_event).then(pl.col(key)).backward_fill() == pl.col(key)),
+    ).filter(pl.col("position").is_not_null())
+    result = filled.sort("position").select(pl.when("same_group").then("event_time"))
+    return result.to_series().rename("next_event_time")
+
+
 def build_study_labels(
     dataset: MEDSDataset,
     studies: pl.DataFrame,
@@ -213,23 +244,12 @@ def build_study_labels(
                 "%d of %d studies have ehr_status=%s: has_ehr=False, zero labels", count, len(studies), status
             )
 
-    tte = (
-        _grid(ok.select("row", "subject_id", "study_time", "last_time"), len(tasks), "task")
-        .join_asof(
-            task_events.sort("time"),
-            left_on="study_time",
-            right_on="time",
-            by=["subject_id", "task"],
-            strategy="forward",
-            allow_exact_matches=False,  # strictly after the study
-            check_sortedness=False,  # both sides sorted just above; polars cannot check with `by`
-        )
-        .with_columns(
-            tte_event=pl.col("time").is_not_null(),
-            tte_time=_to_days(pl.coalesce("time", "last_time") - pl.col("study_time")),
-        )
-        .sort("row", "task")
-    )
+    grid = _grid(ok.select("row", "subject_id", "study_time", "last_time"), len(tasks), "task")
+    next_time = _next_event_after(grid, task_events, "task")
+    tte = grid.with_columns(
+        tte_event=next_time.is_not_null(),
+        tte_time=_to_days(pl.coalesce(next_time, grid["last_time"]) - grid["study_time"]),
+    ).sort("row", "task")
     columns = {
         "tte_time": _matrix(tte, "tte_time", len(studies), len(tasks), ok_rows, np.float32),
         "tte_event": _matrix(tte, "tte_event", len(studies), len(tasks), ok_rows, np.bool_),
