@@ -104,7 +104,7 @@ def _to_days(delta: pl.Expr) -> pl.Expr:
 
 
 def _grid(studies: pl.DataFrame, size: int, name: str) -> pl.DataFrame:
-    """studies x range(size), sorted by study_time as the as-of join needs."""
+    """studies x range(size), sorted by study_time (the order an as-of join on it needs)."""
     index = pl.DataFrame({name: np.arange(size, dtype=np.uint32)})
     return studies.join(index, how="cross").sort("study_time")
 
