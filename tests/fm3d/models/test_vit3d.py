@@ -170,3 +170,46 @@ def test_gelu_is_exact():
     enc = fm3d.create_encoder("vit3d_tiny", depth=1)
     x = torch.randn(10)
     torch.testing.assert_close(enc.blocks[0].mlp.act(x), F.gelu(x, approximate="none"))
+
+
+def test_matches_monai_vit_with_mapped_weights():
+    # MONAI's ViT is an independent implementation of the same architecture (no cls token,
+    # LayerNorm eps 1e-5, fused qkv laid out (3, heads, head_dim)): renaming its weights
+    # onto ours must give the same tokens and per-block hidden states.
+    from monai.networks.nets import ViT
+
+    torch.manual_seed(0)
+    theirs = ViT(
+        1, (32, 32, 64), (16, 16, 16), hidden_size=48, mlp_dim=192, num_layers=2, num_heads=4, qkv_bias=True
+    )
+    ours = fm3d.create_encoder(
+        "vit3d_tiny",
+        embed_dim=48,
+        num_heads=4,
+        depth=2,
+        img_size=(32, 32, 64),
+        cls_token=False,
+        norm_eps=1e-5,
+    )
+    renames = {
+        "patch_embedding.position_embeddings": "pos_embed",
+        "patch_embedding.patch_embeddings.": "patch_embed.proj.",
+        "mlp.linear1.": "mlp.fc1.",
+        "mlp.linear2.": "mlp.fc2.",
+        "attn.out_proj.": "attn.proj.",
+    }
+    state = {}
+    for key, value in theirs.state_dict().items():
+        if "norm_cross_attn" in key:
+            continue  # only used by MONAI's cross-attention variant
+        for old, new in renames.items():
+            key = key.replace(old, new)
+        state[key] = value
+    ours.load_state_dict(state, strict=True)
+    x = torch.randn(2, 1, 32, 32, 64)
+    with torch.no_grad():
+        expected, their_hidden = theirs.eval()(x)
+        out = ours.eval()(x, hidden_layers=[0, 1])
+    torch.testing.assert_close(out.tokens, expected, atol=1e-5, rtol=1e-5)
+    for mine, reference in zip(out.hidden, their_hidden, strict=True):
+        torch.testing.assert_close(mine, reference, atol=1e-5, rtol=1e-5)
