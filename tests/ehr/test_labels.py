@@ -186,3 +186,20 @@ def test_bad_studies_and_tasks(tmp_path):
         build_study_labels(dataset, dup, ["T"])
     with pytest.raises(TaskSpecError, match="non-empty list of distinct codes"):
         build_study_labels(dataset, studies, [])
+
+
+def test_expand_parents_counts_child_codes_for_ancestor_tasks(tmp_path):
+    dataset = _tiny_dataset(tmp_path)
+    (tmp_path / "metadata").mkdir()
+    pl.DataFrame(
+        {"code": ["DIAGNOSIS//X2", "GROUP"], "parent_codes": [["GROUP"], ["TOP"]]},
+        schema={"code": pl.String, "parent_codes": pl.List(pl.String)},
+    ).write_parquet(tmp_path / "metadata" / "codes.parquet")
+    dataset = MEDSDataset(tmp_path)
+    studies = pl.DataFrame({"study_id": ["s"], "subject_id": [1], "study_time": [datetime(2020, 1, 10)]})
+    labels = build_study_labels(dataset, studies, ["TOP", "GROUP", "T"], expand_parents=True)
+    # DIAGNOSIS//X2 on Feb 9 (30 days later) counts for its parent GROUP and grandparent TOP.
+    assert labels["tte_time"][0].to_list() == [30.0, 30.0, 10.0]
+    assert labels["tte_event"][0].to_list() == [True, True, True]
+    plain = build_study_labels(dataset, studies, ["TOP", "GROUP", "T"])
+    assert plain["tte_event"][0].to_list() == [False, False, True]
