@@ -119,6 +119,18 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores visible, Python {platform.python_version()}, load average {load}"
 
 
+def _load_note() -> str:
+    """A warning when other work competed for the CPU, since then worker scaling is not representative."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load <= cores:
+        return ""
+    return (
+        f"\nThe load average ({load:.1f}) exceeded the {cores} cores while measuring: other jobs competed "
+        "for the CPU, so absolute figures are pessimistic and the worker scaling is not representative. "
+        "CPU-s per study is the better guide to cost on an idle machine.\n"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, default=DEFAULT_CT)
@@ -133,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run_prepare_benchmark(args.source, args.studies, tuple(args.workers), args.repeats)
     table = markdown_table(rows)
     print(table)
-    print(f"\nMachine: {host}")
+    print(f"\nMachine: {host}\n{_load_note()}")
     if not args.no_save:
         doc = REPO / "docs" / "benchmarks" / "prepare.md"
         doc.parent.mkdir(parents=True, exist_ok=True)
@@ -149,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             "'Re-run' runs the command again on the finished cache (every study skipped as up to date): "
             "that is the fixed cost of starting Python, importing torch and checking the sources, and "
             "the last column divides the studies by the wall time net of it.\n\n"
-            f"{table}\n\nMachine: {host}.\n"
+            f"{table}\n\nMachine: {host}.\n{_load_note()}"
         )
         print(f"saved {doc}")
     return 0
