@@ -24,16 +24,17 @@ class _Arbitrary:
 class _TinyModule(L.LightningModule):
     """The smallest fm3d-style LightningModule: holds `self.encoder` and writes its config."""
 
-    def __init__(self) -> None:
+    def __init__(self, lr: float = 0.1, encoder_name: str = "vit3d_tiny") -> None:
         super().__init__()
-        self.encoder = fm3d.create_encoder("vit3d_tiny", depth=1, img_size=(32, 32, 32))
+        self.save_hyperparameters()  # hyper-parameters ride in the checkpoint and must stay weights-only
+        self.encoder = fm3d.create_encoder(encoder_name, depth=1, img_size=(32, 32, 32))
         self.head = torch.nn.Linear(self.encoder.embed_dim, 1)
 
     def training_step(self, batch, batch_idx):
         return self.head(self.encoder(batch[0]).pooled).square().mean()
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["fm3d_encoder_config"] = self.encoder.config.to_dict()
