@@ -54,8 +54,9 @@ class TextTower(nn.Module):
             `max_position_embeddings` when it has one).
         lowercase: lowercase texts in `clean_report` before tokenising.
 
-    Models with a pooler layer (BERT's tanh dense over [CLS]) have it removed: fm3d pools
-    itself, and an unused layer would make DDP wait for gradients that never come.
+    A pooler layer (BERT's tanh dense over [CLS]) is frozen: fm3d pools itself, and a
+    trainable layer without gradients would make DDP wait for them forever. It stays in the
+    model so saving and reloading round-trip every weight.
     """
 
     def __init__(
@@ -81,7 +82,7 @@ class TextTower(nn.Module):
                 "that can reach the hub; fm3d.text.init_text_model writes a small from-scratch one."
             ) from error
         if getattr(self.model, "pooler", None) is not None:
-            self.model.pooler = None
+            self.model.pooler.requires_grad_(False)
         self.source = source
         self.pooling = pooling
         self.lowercase = lowercase
@@ -185,7 +186,7 @@ def init_text_model(
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = BertModel(config, add_pooling_layer=False)
+        model = BertModel(config)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)

@@ -144,3 +144,22 @@ def test_missing_reports_are_a_clear_error(text_model):
     objective = ClipObjective(8, text_model, proj_dim=4)
     with pytest.raises(ObjectiveError, match="report"):
         objective({"has_report": torch.ones(2, dtype=torch.bool)}, _encoded(torch.randn(2, 8)))
+
+
+def test_training_aligns_images_with_their_reports(text_model):
+    torch.manual_seed(0)
+    objective = ClipObjective(8, text_model, proj_dim=8, max_length=32).eval()  # eval: no text dropout
+    pooled = torch.randn(4, 8)
+    batch = {"report": REPORTS, "has_report": torch.ones(4, dtype=torch.bool)}
+    optimizer = torch.optim.Adam(objective.parameters(), lr=2e-2)
+    losses = []
+    for _ in range(25):
+        optimizer.zero_grad()
+        loss, metrics = objective(batch, _encoded(pooled))
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        _, metrics = objective(batch, _encoded(pooled))
+    assert losses[-1] < 0.5 * losses[0]
+    assert metrics["i2t_R@1"].item() == 1.0
