@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,15 @@ def resolve_encoder(encoder: str | Path | nn.Module, overrides: dict[str, Any] |
         f"encoder {spec!r} is not an existing path (export folder or .ckpt) nor a registered encoder; "
         f"registered encoders: {names}"
     )
+
+
+def safe_name(name: str) -> str:
+    """`name` usable as an MLflow metric key and a file name: runs outside [A-Za-z0-9._-] become "_".
+
+    Task codes such as "HOSPITAL_ADMISSION//EMERGENCY" would otherwise be refused by MLflow or
+    become folders.
+    """
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
 def normalize_hu(image: torch.Tensor, hu_window: tuple[float, float]) -> torch.Tensor:
@@ -111,8 +121,10 @@ class DownstreamTask(L.LightningModule):
     task_name: ClassVar[str] = ""
     # The LightningDataModule the CLI pairs with this task (set by each task module).
     datamodule_class: ClassVar[type[L.LightningDataModule] | None] = None
-    # (data argument, model argument) pairs the CLI links, e.g. the class names.
-    cli_links: ClassVar[tuple[tuple[str, str], ...]] = ()
+    # Arguments the CLI links from data to model: (source, target) at parse time, e.g.
+    # ("data.class_names", "model.class_names"), or ("data", "model.x", fn) to compute
+    # model.x = fn(datamodule) once the data module is instantiated.
+    cli_links: ClassVar[tuple[tuple[Any, ...], ...]] = ()
 
     def __init__(
         self,
@@ -216,7 +228,7 @@ class DownstreamTask(L.LightningModule):
         evaluation = self.summarize(collected, stage)
         for name, value in evaluation.metrics.items():
             if math.isfinite(value):
-                self.log(f"{stage}/{name}", float(value))
+                self.log(f"{stage}/{safe_name(name)}", float(value))
         if stage == "test":
             self.collected, self.evaluation = collected, evaluation
 

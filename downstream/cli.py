@@ -24,7 +24,12 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 
+from downstream.base import EncoderSpecError
+from downstream.data import TaskDataError
 from downstream.registry import TaskRegistryError, get_task, list_tasks
+from downstream.strategies import StrategyError
+from downstream.tasks.decoders import DecoderConfigError
+from fm3d.data.errors import CacheError
 
 MLFLOW_DB = "mlflow.db"
 MLFLOW_ARTIFACTS = "mlartifacts"
@@ -33,6 +38,18 @@ EXPERIMENT_NAME = "fm3d-downstream"
 
 class FinetuneError(RuntimeError):
     """A `fm3d finetune` invocation that cannot start (no task named, unreadable config)."""
+
+
+# Failures that are the user's to fix (bad path, empty split, unknown encoder): printed as one
+# line with the fix instead of a traceback.
+USER_ERRORS: tuple[type[Exception], ...] = (
+    FinetuneError,
+    TaskDataError,
+    CacheError,
+    EncoderSpecError,
+    StrategyError,
+    DecoderConfigError,
+)
 
 
 def _option(argv: list[str], name: str) -> list[str]:
@@ -106,8 +123,11 @@ class FinetuneCLI(LightningCLI):
         parser.add_argument(
             "--task", type=str, default=None, help="registered task name (see `list_tasks()`)"
         )
-        for source, target in getattr(self.model_class, "cli_links", ()):
-            parser.link_arguments(source, target)
+        for link in getattr(self.model_class, "cli_links", ()):
+            if len(link) == 2:
+                parser.link_arguments(*link)
+            else:  # (source, target, compute_fn): computed from the instantiated data module
+                parser.link_arguments(link[0], link[1], compute_fn=link[2], apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -156,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     try:
         build_cli(argv)
-    except FinetuneError as exc:
+    except USER_ERRORS as exc:
         print(f"fm3d finetune: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -29,6 +29,8 @@ import polars as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ehr.errors import TaskSpecError
+from ehr.labels import read_label_description
 from fm3d.data.cache import PreparedCache
 from fm3d.data.split import SPLITS, split_studies
 
@@ -452,14 +454,11 @@ class SurvivalDataModule(StudyTableDataModule):
 
 
 def _ehr_task_names(path: str | Path) -> list[str] | None:
+    """Task codes from the description `fm3d ehr labels` stores in the parquet, if there is one."""
     if Path(path).suffix != ".parquet":
         return None
-    import pyarrow.parquet as pq
-
-    metadata = pq.read_schema(path).metadata or {}
-    raw = metadata.get(b"fm3d.ehr_labels")
-    if raw is None:
+    try:
+        description = read_label_description(path)
+    except TaskSpecError:
         return None
-    meaning = json.loads(raw)
-    names = meaning.get("tte_tasks") or meaning.get("tasks")
-    return [str(n) for n in names] if names else None
+    return [str(name) for name in description.get("tasks", [])] or None

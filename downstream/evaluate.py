@@ -23,8 +23,8 @@ import matplotlib.pyplot as plt
 import polars as pl
 from lightning.pytorch.loggers import MLFlowLogger
 
-from downstream.base import Evaluation
-from downstream.cli import FinetuneError, build_cli
+from downstream.base import Evaluation, safe_name
+from downstream.cli import USER_ERRORS, build_cli
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +61,12 @@ def write_evaluation(evaluation: Evaluation, figures: dict[str, Any], out_dir: s
     table.write_csv(written[0])
     text = f"# {evaluation.task} evaluation\n\n" + to_markdown(table)
     for name, detail in evaluation.tables.items():
-        detail.write_csv(out / f"{name}.csv")
-        written.append(out / f"{name}.csv")
+        written.append(out / f"{safe_name(name)}.csv")
+        detail.write_csv(written[-1])
         text += f"\n## {name}\n\n" + to_markdown(detail)
     written[1].write_text(text)
     for name, figure in figures.items():
-        path = out / f"{name}.png"
+        path = out / f"{safe_name(name)}.png"
         figure.savefig(path, dpi=120)
         plt.close(figure)
         written.append(path)
@@ -78,7 +78,7 @@ def log_to_mlflow(run_logger: MLFlowLogger, evaluation: Evaluation, files: list[
     client, run_id = run_logger.experiment, run_logger.run_id
     for name, value in evaluation.metrics.items():
         if value == value:  # MLflow rejects NaN
-            client.log_metric(run_id, f"eval/{name}", float(value))
+            client.log_metric(run_id, f"eval/{safe_name(name)}", float(value))
     for path in files:
         client.log_artifact(run_id, str(path), artifact_path="evaluation")
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     try:
         cli = build_cli(["test", *argv])
-    except FinetuneError as exc:
+    except USER_ERRORS as exc:
         print(f"fm3d evaluate: {exc}", file=sys.stderr)
         return 2
     task = cli.model

@@ -30,11 +30,17 @@ def dice_per_class_figure(table: pl.DataFrame) -> Figure:
     return fig
 
 
-def roc_curves_figure(labels: np.ndarray, scores: np.ndarray, class_names: Sequence[str]) -> Figure:
-    """One ROC curve per class ([N, K] binary labels and scores); classes with one label value are skipped."""
+def roc_curves_figure(
+    labels: np.ndarray, scores: np.ndarray, class_names: Sequence[str], mask: np.ndarray | None = None
+) -> Figure:
+    """One ROC curve per class from [N, K] binary labels and scores (only where `mask` is True).
+
+    Classes with a single label value among the known ones have no curve and are skipped.
+    """
     fig, ax = plt.subplots(figsize=(5, 5))
+    known = np.ones_like(labels, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
     for k, name in enumerate(class_names):
-        y, s = labels[:, k], scores[:, k]
+        y, s = labels[known[:, k], k], scores[known[:, k], k]
         if len(np.unique(y)) < 2:
             continue
         fpr, tpr, _ = roc_curve(y, s)
