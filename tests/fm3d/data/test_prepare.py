@@ -88,6 +88,10 @@ def test_prepare_real_studies(raw: Path, tmp_path: Path, capsys) -> None:
     assert row["source_path"] == str((raw / "ct.nii.gz").resolve())
     assert row["source_hash"] == hashlib.blake2b((raw / "ct.nii.gz").read_bytes(), digest_size=16).hexdigest()
     assert json.loads(row["settings"])["target_spacing_mm"] == [3.0, 1.5, 1.5]
+    for organ in (5, 1, 52):  # liver, spleen, aorta: same anatomy after `fm3d prepare`
+        before = volume.array[label.array == organ].mean()
+        after = np.asarray(image)[np.asarray(cache.label("ts")) == organ].mean()
+        assert abs(before - after) < 5.0, (organ, before, after)
     back = invert_preprocessing(np.asarray(cache.label("ts")), cache.record("ts"), is_label=True)
     assert (back == label.array).mean() > 0.97
     # The DICOM series and its NRRD label line up in the cache too.
