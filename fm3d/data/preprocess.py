@@ -211,7 +211,8 @@ def invert_preprocessing(
         record = PreprocessRecord.from_dict(record)
     if tuple(array_dhw.shape) != tuple(record.shape):
         raise ValueError(f"array has shape {tuple(array_dhw.shape)}, but the prepared grid is {record.shape}")
-    canonical = resample(np.asarray(array_dhw), record.canonical_shape, is_label=is_label)
+    source = np.asarray(array_dhw) if is_label else np.asarray(array_dhw, dtype=np.float32)
+    canonical = resample(source, record.canonical_shape, is_label=is_label)
     ras = canonical.transpose(2, 1, 0)
     ornt = np.asarray(record.orientation)
     back = orientations.ornt_transform(orientations.axcodes2ornt(("R", "A", "S")), ornt)

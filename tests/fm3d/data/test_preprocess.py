@@ -61,6 +61,7 @@ def test_spacing_unchanged_is_an_exact_copy_and_inverts_exactly(ts) -> None:
     assert back_label.dtype == label.array.dtype
     np.testing.assert_array_equal(back_label, label.array)  # LPS voxel order restored
     back_image = invert_preprocessing(prepared.image, prepared.record.to_dict(), is_label=False)
+    assert back_image.dtype == np.float32
     np.testing.assert_array_equal(back_image, image.array)
 
 
