@@ -51,9 +51,8 @@ def read_dicom(path: Path, *, series_uid: str | None = None) -> Volume:
     """Read a DICOM CT from a folder (one series, or the one `series_uid` names) or one file."""
     if path.is_dir():
         files = _series_files(path, series_uid)
-        first = _read(files[0], header_only=True)
-        if len(files) == 1 and int(first.get("NumberOfFrames", 1) or 1) > 1:
-            return _enhanced(files[0], _read(files[0], header_only=False))
+        if len(files) == 1:
+            return read_dicom(files[0], series_uid=series_uid)
         return _classic(path, files)
     dataset = _read(path, header_only=False)
     if series_uid is not None and dataset.get("SeriesInstanceUID") != series_uid:
@@ -143,6 +142,12 @@ def _classic(source: Path, files: list[Path], datasets: list[Dataset] | None = N
     slices = []
     for file, ds in zip(files, datasets, strict=True):
         _check_ct(file, ds)
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            raise VolumeReadError(
+                file,
+                f"is a multi-frame image among {len(files)} files of one series",
+                "point image_path at one multi-frame file, not at their folder",
+            )
         for key in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
             if key not in ds:
                 raise VolumeReadError(

@@ -228,3 +228,15 @@ def test_truncated_and_corrupt_files(series_dir: Path, tmp_path: Path) -> None:
 def test_dicom_label_maps_are_refused(series_dir: Path) -> None:
     with pytest.raises(VolumeReadError, match=r"DICOM label maps .* are not supported"):
         read_label(series_dir / "01.dcm")
+
+
+def test_folders_with_one_enhanced_file_or_several(shared_data: Path, tmp_path: Path) -> None:
+    source = shared_data / "ct" / "pydicom" / "eCT_Supplemental.dcm"
+    (tmp_path / "one").mkdir()
+    shutil.copy(source, tmp_path / "one" / "ect.dcm")
+    np.testing.assert_array_equal(read_volume(tmp_path / "one").array, read_volume(source).array)
+    shutil.copy(source, tmp_path / "one" / "ect_copy.dcm")
+    with pytest.raises(
+        VolumeReadError, match=r"ect\.dcm: is a multi-frame image among 2 files of one series"
+    ):
+        read_volume(tmp_path / "one")
