@@ -1,0 +1,112 @@
+"""Fine-tune strategies: frozen keeps weights bit-identical, LoRA trains only adapters, LLRD lrs per layer."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import fm3d
+from downstream.strategies import (
+    FinetuneStrategy,
+    StrategyError,
+    apply_strategy,
+    layer_scales,
+    parameter_groups,
+)
+from downstream.tasks.classification import ClassificationTask
+
+TINY = {"embed_dim": 32, "depth": 3, "num_heads": 2, "patch_size": 8, "img_size": (16, 16, 16)}
+
+
+def _batches(n: int = 4) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    return [
+        {
+            "image": torch.rand(2, 1, 16, 16, 16, generator=g) * 2000 - 1000,
+            "labels": torch.tensor([[1.0, 0.0], [0.0, 1.0]]),
+            "label_mask": torch.ones(2, 2, dtype=torch.bool),
+            "study_id": ["a", "b"],
+        }
+        for _ in range(n)
+    ]
+
+
+def _train(task: ClassificationTask, steps: int = 4) -> None:
+    trainer = L.Trainer(
+        max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="cpu",
+    )  # fmt: skip
+    trainer.fit(task, DataLoader(_batches(steps), batch_size=None))
+
+
+def _task(strategy: FinetuneStrategy) -> ClassificationTask:
+    torch.manual_seed(0)
+    return ClassificationTask("vit3d_tiny", ["x", "y"], strategy=strategy, encoder_overrides=TINY, lr=1e-2)
+
+
+def test_frozen_leaves_encoder_weights_bit_identical() -> None:
+    task = _task(FinetuneStrategy("frozen"))
+    before = {k: v.clone() for k, v in task.encoder.state_dict().items()}
+    head_before = task.head[-1].weight.clone()
+    _train(task)
+    after = task.encoder.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not torch.equal(head_before, task.head[-1].weight)
+    assert not task.encoder.training  # frozen encoder stays in eval mode
+
+
+def test_lora_trains_only_adapters_and_merges_back() -> None:
+    task = _task(FinetuneStrategy("lora", lora_rank=2))
+    trainable = {n for n, p in task.encoder.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    wrapped = {n.rsplit(".lora_", 1)[0] for n in trainable}
+    assert {"blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"} <= wrapped
+    before = {n: p.clone() for n, p in task.encoder.named_parameters()}
+    _train(task)
+    for name, param in task.encoder.named_parameters():
+        changed = not torch.equal(before[name], param)
+        if "lora_" not in name:
+            assert not changed, name
+    assert any(not torch.equal(before[n], p) for n, p in task.encoder.named_parameters() if "lora_B" in n)
+
+    # Merging folds the adapters in: same outputs, plain parameter names, loadable by a fresh encoder.
+    x = torch.rand(1, 1, 16, 16, 16)
+    task.eval()
+    with torch.no_grad():
+        expected = task.encoder(x).pooled
+        plain = task.plain_encoder()
+        fresh = fm3d.create_encoder("vit3d_tiny", **TINY)
+        fresh.load_state_dict(plain.state_dict())
+        assert torch.allclose(fresh(x).pooled, expected, atol=1e-5)
+
+
+def test_layerwise_lr_decay_assigns_the_documented_lr_per_layer() -> None:
+    encoder = fm3d.create_encoder("vit3d_tiny", **TINY)
+    decay, lr, depth = 0.5, 1e-3, TINY["depth"]
+    scales = layer_scales(encoder, decay)
+    assert math.isclose(scales["patch_embed.proj.weight"], decay ** (depth + 1))
+    assert math.isclose(scales["blocks.0.attn.qkv.weight"], decay**depth)
+    assert math.isclose(scales[f"blocks.{depth - 1}.mlp.fc2.weight"], decay**1)
+    assert math.isclose(scales["norm.weight"], 1.0)
+    head = torch.nn.Linear(32, 2)
+    groups = parameter_groups(
+        encoder, head.named_parameters(), FinetuneStrategy("full", layer_decay=decay), lr, 0.05
+    )
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    wd_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    for name, param in encoder.named_parameters():
+        assert math.isclose(lr_of[id(param)], lr * decay ** (depth + 1 - encoder.layer_id(name)))
+    assert lr_of[id(head.weight)] == lr and wd_of[id(head.weight)] == 0.05 and wd_of[id(head.bias)] == 0.0
+    assert sum(len(g["params"]) for g in groups) == len(list(encoder.parameters())) + 2
+
+
+def test_strategy_validation() -> None:
+    with pytest.raises(StrategyError, match="unknown fine-tune strategy"):
+        FinetuneStrategy("partial")
+    encoder = fm3d.create_encoder("vit3d_tiny", **TINY)
+    with pytest.raises(StrategyError, match=r"LoRA found no nn\.Linear"):
+        apply_strategy(encoder, FinetuneStrategy("lora", lora_targets=("nothing_named_so",)))
