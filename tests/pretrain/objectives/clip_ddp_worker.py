@@ -1,4 +1,4 @@
-"""Worker of test_clip_ddp.py: one DDP rank (gloo, CPU) computing the CLIP objective on its rows.
+"""Worker of test_clip_ddp.py: one DDP rank (gloo, CPU) running the objectives on its rows.
 
 A separate module (not a test file) so `torch.multiprocessing.spawn` can import it by name in
 the child processes.
@@ -15,6 +15,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fm3d.models.encoder import EncoderOutput
 from pretrain.objectives.clip import ClipObjective
+from pretrain.objectives.phenotype import PhenotypeObjective
+from pretrain.objectives.tte import TimeToEventObjective
 
 
 def build(text_model: str, loss: str) -> ClipObjective:
@@ -29,6 +31,26 @@ def step(objective: torch.nn.Module, pooled: torch.Tensor, reports: list[str], h
     return objective({"report": reports, "has_report": has_report}, encoded)
 
 
+def validation_metrics(text_model: str, inputs: dict, start: int, stop: int) -> dict[str, dict[str, float]]:
+    """Epoch-level validation metrics of seeded CLIP, phenotype and TTE objectives on rows start:stop."""
+    batch = {key: value[start:stop] for key, value in inputs.items()}
+    pooled = batch["pooled"]
+    encoded = {"image": EncoderOutput(tokens=pooled[:, None], pooled=pooled, grid=(1, 1, 1))}
+    batch["report"] = batch.pop("reports")
+    results = {}
+    for name, make in (
+        ("clip", lambda: ClipObjective(8, text_model, proj_dim=4, max_length=32)),
+        ("phenotype", lambda: PhenotypeObjective(8, 3)),
+        ("tte", lambda: TimeToEventObjective(8, 2, num_bins=3, rank=2)),
+    ):
+        torch.manual_seed(0)
+        objective = make().eval()
+        objective.reset_validation()
+        objective.update_validation(batch, encoded)
+        results[name] = objective.compute_validation()
+    return results
+
+
 def run(
     rank: int, world_size: int, port: int, text_model: str, losses: list, inputs: dict, rows: list, out: str
 ):
@@ -38,13 +60,9 @@ def run(
     try:
         start, stop = rows[rank]
         for loss in losses:
-            _two_steps(
-                DistributedDataParallel(build(text_model, loss)),
-                inputs,
-                start,
-                stop,
-                Path(out) / f"{loss}{rank}.pt",
-            )
+            model = DistributedDataParallel(build(text_model, loss))
+            _two_steps(model, inputs, start, stop, Path(out) / f"{loss}{rank}.pt")
+        torch.save(validation_metrics(text_model, inputs, start, stop), Path(out) / f"validation{rank}.pt")
     finally:
         dist.destroy_process_group()
 

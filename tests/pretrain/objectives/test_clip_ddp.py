@@ -1,5 +1,8 @@
 """Issue 5 test (a): two-process DDP (gloo, CPU) CLIP equals one process on the concatenated batch.
 
+Also: the epoch-level validation metrics (CLIP retrieval, phenotype AUROC, TTE C-index)
+computed on two ranks equal those of one process over all rows.
+
 The objective DDP optimises is the mean over ranks of the per-rank losses (gradients are
 averaged), so: the mean of the two ranks' losses equals the single-process loss, every
 parameter's (averaged) gradient equals the single-process gradient, and each rank's input
@@ -49,6 +52,10 @@ def test_two_process_clip_equals_single_process(tmp_path):
         "pooled": torch.randn(5, 8),
         "reports": REPORTS,
         "has_report": torch.tensor([True, True, False, True, True]),
+        "phenotype": torch.tensor([[1.0, 0, 1], [0, 1, 1], [1, 1, 0], [0, 0, 1], [1, 0, 0]]),
+        "has_ehr": torch.tensor([True, True, True, False, True]),
+        "tte_time": torch.tensor([[10.0, 50], [300, 20], [40, 400], [5, 5], [200, 90]]),
+        "tte_event": torch.tensor([[True, False], [False, True], [True, True], [True, True], [False, True]]),
     }
     mp.spawn(
         clip_ddp_worker.run,
@@ -58,6 +65,13 @@ def test_two_process_clip_equals_single_process(tmp_path):
     )
     for loss in LOSSES:
         _compare(text_model, loss, inputs, [torch.load(tmp_path / f"{loss}{r}.pt") for r in range(2)])
+    # Epoch-level validation metrics gather every rank's rows: both ranks see the whole set.
+    single = clip_ddp_worker.validation_metrics(text_model, inputs, 0, 5)
+    assert {"i2t_R@1", "auroc", "c_index"} <= {key for metrics in single.values() for key in metrics}
+    for rank in range(2):
+        distributed = torch.load(tmp_path / f"validation{rank}.pt")
+        for name, metrics in single.items():
+            assert distributed[name] == pytest.approx(metrics), name
 
 
 def _compare(text_model: str, loss: str, inputs: dict, ranks: list[dict]) -> None:
