@@ -1,0 +1,122 @@
+"""Merlin's image encoder -> `resnet3d_i3d`.
+
+Merlin (github.com/StanfordMIMI/Merlin) keeps its I3D ResNet-152 at `encode_image.i3_resnet.*`
+in the CLIP checkpoint (beside the text tower `encode_text.*` and `logit_scale`), bare in the
+five-year-prediction checkpoint, and as `encode_image.vision_model.features.{0..7}.*` (an
+nn.Sequential of conv1, bn1, relu, maxpool, layer1..layer4) in the report-generation one. The
+phenotype classifier (`classifier`, 1692 outputs) and the CLIP projection (`contrastive_head`,
+512) are heads, set aside.
+
+Two exact rewrites make the encoder take fm3d's input as it is:
+  - channels: Merlin feeds `cat(x, x, x)` to a 3-channel stem, which equals a 1-channel stem
+    whose kernel is the sum over the three input channels;
+  - axes: Merlin permutes MONAI's (x, y, z) array to (z, x, y) before the network; fm3d's
+    (D, H, W) is (z, y, x). Every in-plane kernel and stride is square, so transposing the
+    last two kernel axes makes the network compute Merlin's feature maps transposed in-plane,
+    and the pooled 2048-d embedding (a global mean) exactly Merlin's.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from fm3d.models.adapters.matching import PeerConversion, PeerWeightsError, find_prefix, split_prefix
+
+FORMAT = "merlin"
+ANCHOR = "layer1.0.conv1.weight"
+FEATURES_ANCHOR = "vision_model.features.0.weight"
+# Index of each module in the report-generation model's `features` Sequential.
+_FEATURES = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
+_ENCODER = re.compile(r"^(conv1|bn1|layer[1-4])\.")
+_HEADS = re.compile(r"^(classifier|contrastive_head|fc)\.")
+_BLOCK = re.compile(r"^layer([1-4])\.(\d+)\.")
+
+
+def looks_like_merlin(state: Mapping[str, torch.Tensor]) -> bool:
+    """True for the report-generation layout, or an I3D stem: conv1 (.., 3, 7, 7) beside layer1."""
+    if any(key.endswith(FEATURES_ANCHOR) for key in state):
+        return True
+    for key in state:
+        if key.endswith(ANCHOR):
+            stem = state.get(key[: -len(ANCHOR)] + "conv1.weight")
+            if stem is not None and stem.ndim == 5 and tuple(stem.shape[-3:]) == (3, 7, 7):
+                return True
+    return False
+
+
+def _encoder_keys(
+    state: Mapping[str, torch.Tensor], path: Path
+) -> tuple[dict[str, torch.Tensor], list[str], str]:
+    """The i3_resnet keys without prefix, the keys outside it, and the prefix found."""
+    if any(key.endswith(FEATURES_ANCHOR) for key in state):
+        prefix = find_prefix(state, FEATURES_ANCHOR, path, "Merlin") + "vision_model.features."
+        inside, outside = split_prefix(state, prefix)
+        renamed = {}
+        for key, value in inside.items():
+            index, _, rest = key.partition(".")
+            renamed[f"{_FEATURES.get(index, 'features.' + index)}.{rest}"] = value
+        return renamed, outside, prefix
+    prefix = find_prefix(state, ANCHOR, path, "Merlin I3D ResNet")
+    inside, outside = split_prefix(state, prefix)
+    return inside, outside, prefix
+
+
+def convert(state: Mapping[str, torch.Tensor], path: Path) -> PeerConversion:
+    """Merlin CLIP / five-year / report-generation checkpoints -> resnet3d_i3d taking fm3d input."""
+    inside, outside, prefix = _encoder_keys(state, path)
+    if "conv1.weight" not in inside:
+        raise PeerWeightsError(f"{path}: the Merlin encoder under '{prefix}' has no conv1.weight (the stem).")
+    weights, unmapped, ignored = {}, [], list(outside)
+    for key, tensor in inside.items():
+        if _HEADS.match(key):
+            ignored.append(prefix + key)
+        elif not _ENCODER.match(key):
+            unmapped.append(prefix + key)
+        elif key.endswith("weight") and tensor.ndim == 5:
+            # Merlin's (z, x, y) kernels -> fm3d's (z, y, x); the stem also folds 3 channels into 1.
+            kernel = tensor.transpose(-1, -2)
+            weights[key] = kernel.sum(dim=1, keepdim=True) if key == "conv1.weight" else kernel.contiguous()
+        else:
+            weights[key] = tensor
+    blocks: dict[int, int] = {}
+    for key in weights:
+        if match := _BLOCK.match(key):
+            stage, block = int(match.group(1)), int(match.group(2))
+            blocks[stage] = max(blocks.get(stage, 0), block + 1)
+    if sorted(blocks) != [1, 2, 3, 4]:
+        raise PeerWeightsError(
+            f"{path}: expected residual stages layer1..layer4 under '{prefix}', found "
+            f"{[f'layer{s}' for s in sorted(blocks)]}; the file is truncated or not Merlin's."
+        )
+    stem = inside["conv1.weight"]  # [64, 3, 3, 7, 7] in Merlin
+    config = {
+        "in_chans": 1,
+        "layers": tuple(blocks[s] for s in range(1, 5)),
+        "base_width": stem.shape[0],
+        "target_spacing_mm": (3.0, 1.5, 1.5),
+        "hu_window": (-1000.0, 1000.0),
+        "img_size": (160, 224, 224),
+    }
+    source = {
+        "prefix": prefix,
+        "input_axes": "fm3d (D, H, W); Merlin's (z, x, y) kernels were transposed in-plane on load",
+        "input_permute": [0, 1, 2, 3, 4],
+        "input_channels": f"Merlin's {stem.shape[1]} replicated input channels folded into 1",
+        "intensity": "HU clipped to [-1000, 1000], scaled to [0, 1] (Merlin's ScaleIntensityRanged)",
+        "spacing_mm": "(3.0, 1.5, 1.5) in (D, H, W): Merlin's 1.5 x 1.5 x 3 mm (x, y, z)",
+        "input_size": "(160, 224, 224) in (D, H, W): Merlin's 224 x 224 x 160 (x, y, z) pad/crop",
+        "pooled": "Merlin's 2048-d image embedding (ImageEmbedding=True)",
+    }
+    return PeerConversion(
+        format=FORMAT,
+        encoder_name="resnet3d_i3d",
+        config=config,
+        weights=weights,
+        unmapped=unmapped,
+        ignored=ignored,
+        source=source,
+    )
