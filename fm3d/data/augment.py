@@ -3,10 +3,11 @@
 VoCo augments each crop independently with MONAI's `RandFlipd` (p=0.2 per spatial axis),
 `RandRotate90d` (p=0.2, k in 1..3, spatial_axes (0, 1) = x-y) and `RandShiftIntensityd`
 (offsets 0.1; p=0.5 in v2, 0.1 in v1) (`get_crop_transform` / `get_vanilla_transform`).
-Applying MONAI's dictionary transforms crop by crop costs a Python call chain per crop, so
-here the random parameters are drawn per crop with numpy and applied to the whole stack
-[N, C, D, H, W] at once; the deterministic operations equal MONAI's `Flip`, `Rotate90`,
-`ShiftIntensity` and `ScaleIntensity(factor=...)` (tests compare them).
+Composing MONAI's dictionary transforms per crop costs a dict copy, a MetaTensor and a
+Python call chain per crop and transform; here all random parameters for a stack
+[N, C, D, H, W] are drawn at once with numpy and applied in place as whole-crop tensor
+operations, touching only the crops a draw selects. The operations equal MONAI's `Flip`,
+`Rotate90`, `ShiftIntensity` and `ScaleIntensity(factor=...)` (tests compare them).
 
 Parameters come from a caller-owned `numpy.random.Generator`, so a dataset seeded per
 worker gives reproducible samples.
@@ -61,27 +62,28 @@ class AugmentParams:
 
 
 def apply_augmentation(x: torch.Tensor, params: AugmentParams) -> torch.Tensor:
-    """Augment a stack [N, C, D, H, W] crop by crop; returns a new tensor.
+    """Augment a stack [N, C, D, H, W] crop by crop, in place; returns `x`.
 
+    Only the crops a draw selects are touched, so the cost follows the probabilities.
     rot90 needs H == W (VoCo's crops are cubes); for other shapes set rot90_prob to 0.
     """
     n = x.shape[0]
     if len(params.rot90_k) != n:
         raise ValueError(f"augmentation parameters are for {len(params.rot90_k)} crops, the stack has {n}")
-    for axis in range(3):
-        mask = torch.from_numpy(params.flips[:, axis])
-        if mask.any():
-            x = torch.where(mask.view(n, 1, 1, 1, 1), x.flip(2 + axis), x)
-    if params.rot90_k.any():
-        if x.shape[-1] != x.shape[-2]:
-            raise ValueError(f"rot90 in the H-W plane needs H == W, got a stack of shape {tuple(x.shape)}")
-        x = x.clone()
-        for k in (1, 2, 3):
-            index = torch.from_numpy(np.flatnonzero(params.rot90_k == k))
-            if len(index):
-                # MONAI Rotate90(spatial_axes=(0, 1)) turns x towards y; x is W (dim 4), y is H (dim 3).
-                x[index] = torch.rot90(x[index], k, dims=(4, 3))
-    scale = torch.from_numpy(1.0 + params.factors).to(x.dtype).view(n, 1, 1, 1, 1)
-    shift = torch.from_numpy(params.offsets).to(x.dtype).view(n, 1, 1, 1, 1)
-    # MONAI order: RandShiftIntensity comes last in VoCo; scale (fm3d's addition) before it.
-    return x * scale + shift
+    if params.rot90_k.any() and x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"rot90 in the H-W plane needs H == W, got a stack of shape {tuple(x.shape)}")
+    for i in range(n):
+        dims = [1 + axis for axis in range(3) if params.flips[i, axis]]  # crop dims are (C, D, H, W)
+        k = int(params.rot90_k[i])
+        if dims or k:
+            crop = x[i].flip(dims) if dims else x[i]
+            if k:
+                # MONAI Rotate90(spatial_axes=(0, 1)) turns x towards y; x is W (dim 3), y is H (dim 2).
+                crop = torch.rot90(crop, k, dims=(3, 2))
+            x[i] = crop
+        # MONAI order: RandShiftIntensity comes last in VoCo; the scale (fm3d's addition) before it.
+        if params.factors[i]:
+            x[i].mul_(1.0 + float(params.factors[i]))
+        if params.offsets[i]:
+            x[i].add_(float(params.offsets[i]))
+    return x

@@ -4,7 +4,9 @@ A sample reads only the voxels it needs: the study's int16 array is a memory map
 region of interest is sliced from it first and only that slab is copied (padded with the
 HU window floor where the volume is smaller than the region). Intensities are clipped to
 `hu_window` and scaled to [0, 1] - MONAI's `ScaleIntensityRanged(a_min, a_max, b_min=0,
-b_max=1, clip=True)` as VoCo and Merlin use it; padding therefore reads 0.
+b_max=1, clip=True)` as VoCo and Merlin use it; padding therefore reads 0. The clip happens
+on integers while copying the slab and the float scaling writes straight into the output
+crops, so a VoCo sample costs about two passes over its voxels (docs/benchmarks/data_loading.md).
 
 Each sample is a dict; `collate_samples` stacks a list of them into the batch contract of
 docs/datasets.md (`image`, `study_id`, `voco_*`, `report`/`has_report`, one tensor per
@@ -23,7 +25,7 @@ import numpy as np
 import polars as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from fm3d.data.augment import AugmentConfig, AugmentParams, apply_augmentation
 from fm3d.data.cache import PreparedCache
@@ -137,19 +139,53 @@ class SampleSpec:
     voco: str | VoCoGeometry | None = None
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)
 
+    def __post_init__(self) -> None:
+        lo, hi = self.hu_window
+        if not (float(lo).is_integer() and float(hi).is_integer() and lo < hi):
+            raise ValueError(
+                f"hu_window must be whole HU values (low, high) with low < high, got {self.hu_window}"
+            )
 
-def read_region(volume: np.ndarray, start: Sequence[int], size: Sequence[int], fill: float) -> np.ndarray:
-    """float32 copy of volume[start : start + size], touching only that slab; outside reads `fill`."""
-    out = np.full(tuple(size), fill, dtype=np.float32)
+    @property
+    def window(self) -> tuple[int, int]:
+        """hu_window as integers (prepared volumes hold integer HU)."""
+        return int(self.hu_window[0]), int(self.hu_window[1])
+
+
+def read_region(
+    volume: np.ndarray, start: Sequence[int], size: Sequence[int], hu_window: tuple[int, int]
+) -> np.ndarray:
+    """Window-shifted integer copy of volume[start : start + size]: clip(x, lo, hi) - lo.
+
+    Touches only the slab (one pass: clip from the memmap into the output); voxels outside
+    the volume read 0, i.e. the HU floor. Integers keep the copy small; the float scaling
+    happens once, straight into the output crops (`to_unit`).
+    """
+    lo, hi = hu_window
+    out = np.zeros(tuple(size), dtype=np.int16 if hi - lo <= np.iinfo(np.int16).max else np.int32)
     src, dst = [], []
     for s, n, length in zip(start, size, volume.shape, strict=True):
-        lo, hi = max(s, 0), min(s + n, length)
-        if hi <= lo:
+        a, b = max(s, 0), min(s + n, length)
+        if b <= a:
             return out
-        src.append(slice(lo, hi))
-        dst.append(slice(lo - s, hi - s))
-    out[tuple(dst)] = volume[tuple(src)]  # the only copy: the slab, converted to float32
+        src.append(slice(a, b))
+        dst.append(slice(a - s, b - s))
+    target = out[tuple(dst)]
+    np.clip(volume[tuple(src)], lo, hi, out=target, casting="unsafe")  # the only read of the volume
+    np.subtract(target, lo, out=target, casting="unsafe")
     return out
+
+
+def to_unit(
+    shifted: torch.Tensor, hu_window: tuple[int, int], out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Scale window-shifted integers to [0, 1] floats (into `out` when given, any input layout)."""
+    lo, hi = hu_window
+    if out is None:
+        out = torch.empty(shifted.shape)
+    # A converting copy then an in-place scale is ~3x faster than one promoting multiply on
+    # strided integer input (measured with one thread).
+    return out.copy_(shifted).mul_(1.0 / (hi - lo))
 
 
 def region_start(shape: Sequence[int], size: Sequence[int], rng: np.random.Generator | None) -> list[int]:
@@ -205,20 +241,46 @@ class CTDataset(Dataset):
             self.reseed()
         return self._rng
 
-    def _normalise(self, x: np.ndarray) -> np.ndarray:
-        lo, hi = self.spec.hu_window
-        return (np.clip(x, lo, hi, out=x) - lo) / (hi - lo)
-
     def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._sample(index, {})
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
+        """A whole batch, each sample's volumes written straight into the batch tensors.
+
+        The DataLoader calls this instead of `__getitem__` per index; it saves the copy a
+        stacking collate makes (the largest single cost of a VoCo batch) and, inside a
+        worker, allocates the batch in shared memory as `default_collate` does, so handing
+        it to the main process copies nothing either.
+        """
+        batch = {key: _batch_buffer(len(indices), shape) for key, shape in self.sample_shapes().items()}
+        samples = [
+            self._sample(i, {key: buffer[j] for key, buffer in batch.items()}) for j, i in enumerate(indices)
+        ]
+        for key in samples[0]:
+            if key not in batch:
+                batch[key] = collate_samples([{key: sample[key]} for sample in samples])[key]
+        return batch
+
+    def sample_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of the per-sample volume tensors (image, VoCo bases and crops)."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        if self.spec.image_size is not None:
+            shapes["image"] = (1, *self.spec.image_size)
+        if self.geometry is not None:
+            shapes["voco_bases"] = (self.geometry.num_bases, 1, *self.geometry.crop_shape)
+            shapes["voco_crops"] = (self.geometry.num_random_crops, 1, *self.geometry.crop_shape)
+        return shapes
+
+    def _sample(self, index: int, out: dict[str, torch.Tensor]) -> dict[str, Any]:
         rng = self._generator(index)
         study_id = self.study_ids[index]
         volume = self.cache.image(study_id)  # memmap, nothing read yet
         augment = self.spec.augment if self.train else None
         sample: dict[str, Any] = {"study_id": study_id}
         if self.spec.image_size is not None:
-            sample["image"] = self._global_view(volume, rng, augment)
+            sample["image"] = self._global_view(volume, rng, augment, out.get("image"))
         if self.geometry is not None:
-            sample.update(self._voco(volume, rng, augment))
+            sample.update(self._voco(volume, rng, augment, out.get("voco_bases"), out.get("voco_crops")))
         if self.reports is not None:
             text = self.reports.get(study_id)
             sample["report"], sample["has_report"] = text, bool(text)
@@ -228,40 +290,71 @@ class CTDataset(Dataset):
             sample["has_ehr"] = present
         return sample
 
-    def _global_view(self, volume: np.ndarray, rng, augment: AugmentConfig | None) -> torch.Tensor:
+    def _global_view(self, volume: np.ndarray, rng, augment: AugmentConfig | None, out=None) -> torch.Tensor:
         size = self.spec.image_size
         region = self.spec.image_region or size
         start = region_start(volume.shape, region, rng if self.train else None)
-        x = torch.from_numpy(self._normalise(read_region(volume, start, region, self.spec.hu_window[0])))
-        x = x[None, None]  # [1, 1, D, H, W]
-        if tuple(region) != tuple(size):
-            x = F.interpolate(x, size=tuple(size), mode="trilinear", align_corners=True)
+        shifted = torch.from_numpy(read_region(volume, start, region, self.spec.window))
+        if tuple(region) == tuple(size):
+            x = to_unit(shifted, self.spec.window, out=None if out is None else out[0])[None]
+        else:
+            unit = to_unit(shifted, self.spec.window)[None, None]
+            x = _resized(unit, tuple(size), None if out is None else out[None])[0]
         if augment is not None:
-            x = apply_augmentation(x, AugmentParams.draw(1, rng, augment, spatial=False))
-        return x[0]  # [1, D, H, W]
+            apply_augmentation(x[None], AugmentParams.draw(1, rng, augment, spatial=False))
+        return x  # [1, D, H, W]
 
-    def _voco(self, volume: np.ndarray, rng, augment: AugmentConfig | None) -> dict[str, torch.Tensor]:
-        g = self.geometry
+    def _voco(self, volume: np.ndarray, rng, augment: AugmentConfig | None, bases=None, crops=None) -> dict:
+        g, window = self.geometry, self.spec.window
         start = region_start(volume.shape, g.region_size, rng if self.train else None)
-        region = torch.from_numpy(
-            self._normalise(read_region(volume, start, g.region_size, self.spec.hu_window[0]))
+        region = torch.from_numpy(read_region(volume, start, g.region_size, window))  # [D, n*b, n*b]
+        n, b, depth = g.grid, g.base_size, g.region_size[0]
+        resize = g.output_size != b
+        # Without a resize the crops are written straight into the given (batch) tensors.
+        base_out = bases if bases is not None and not resize else torch.empty((g.num_bases, 1, depth, b, b))
+        crop_out = (
+            crops if crops is not None and not resize else torch.empty((g.num_random_crops, 1, depth, b, b))
         )
-        b = g.base_size
-        bases = torch.stack([region[:, h : h + b, w : w + b] for h, w in g.base_starts()])[:, None]
+        # Bases straight from the integer region into their float stack: view the region as
+        # (D, j, h, i, w) blocks and order them (i, j) = VoCo's x-major k = i * n + j.
+        blocks = region.view(depth, n, b, n, b).permute(3, 1, 0, 2, 4)
+        to_unit(blocks, window, out=base_out.view(n, n, depth, b, b))
         centres = g.draw_random_centres(rng)
-        crops = torch.stack([region[:, h : h + b, w : w + b] for h, w in g.random_starts(centres)])[:, None]
-        if g.output_size != b:  # VoCo v1: Resized(mode="bilinear", align_corners=True) to 64^3
-            bases = F.interpolate(bases, size=g.crop_shape, mode="trilinear", align_corners=True)
-            crops = F.interpolate(crops, size=g.crop_shape, mode="trilinear", align_corners=True)
+        for r, (h, w) in enumerate(g.random_starts(centres)):
+            to_unit(region[:, h : h + b, w : w + b], window, out=crop_out[r, 0])
+        if resize:  # VoCo v1: Resized(mode="bilinear", align_corners=True) to 64^3
+            base_out, crop_out = (
+                _resized(base_out, g.crop_shape, bases),
+                _resized(crop_out, g.crop_shape, crops),
+            )
         if augment is not None:
-            bases = apply_augmentation(bases, AugmentParams.draw(len(bases), rng, augment))
-            crops = apply_augmentation(crops, AugmentParams.draw(len(crops), rng, augment))
+            apply_augmentation(base_out, AugmentParams.draw(len(base_out), rng, augment))
+            apply_augmentation(crop_out, AugmentParams.draw(len(crop_out), rng, augment))
         labels = torch.from_numpy(g.overlap_labels(centres).astype(np.float32))
-        return {"voco_bases": bases.contiguous(), "voco_crops": crops.contiguous(), "voco_labels": labels}
+        return {"voco_bases": base_out, "voco_crops": crop_out, "voco_labels": labels}
 
 
-def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack samples into a batch dict: tensors stacked, strings listed, flags as bool tensors."""
+def _resized(x: torch.Tensor, size: Size3, out: torch.Tensor | None) -> torch.Tensor:
+    resized = F.interpolate(x, size=size, mode="trilinear", align_corners=True)
+    return resized if out is None else out.copy_(resized)
+
+
+def _batch_buffer(batch_size: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised float32 batch tensor, in shared memory inside a DataLoader worker."""
+    if get_worker_info() is None:
+        return torch.empty((batch_size, *shape))
+    # As torch's default_collate: a tensor born in shared memory crosses to the main process uncopied.
+    storage = torch.empty(0)._typed_storage()._new_shared(batch_size * int(np.prod(shape)), device="cpu")
+    return torch.empty(0).new(storage).view(batch_size, *shape)
+
+
+def collate_samples(samples: list[dict[str, Any]] | dict[str, Any]) -> dict[str, Any]:
+    """Stack samples into a batch dict: tensors stacked, strings listed, flags as bool tensors.
+
+    A batch that `CTDataset.__getitems__` already assembled passes through unchanged.
+    """
+    if isinstance(samples, dict):
+        return samples
     batch: dict[str, Any] = {}
     for key in samples[0]:
         values = [s[key] for s in samples]

@@ -29,7 +29,7 @@ def test_matches_monai_crop_by_crop():
     config = AugmentConfig(flip_prob=0.5, rot90_prob=0.7, shift_prob=0.6, scale_prob=0.6)
     params = AugmentParams.draw(12, rng, config)
     assert params.rot90_k.any() and params.flips.any() and (params.offsets != 0).any()
-    out = apply_augmentation(stack, params)
+    out = apply_augmentation(stack.clone(), params)
     for i in range(12):
         expected = _monai_reference(
             stack[i],
@@ -48,7 +48,7 @@ def test_intensity_only_keeps_orientation():
     )
     assert not params.flips.any() and not params.rot90_k.any()
     x = torch.rand(50, 1, 2, 3, 4)
-    out = apply_augmentation(x, params)
+    out = apply_augmentation(x.clone(), params)
     torch.testing.assert_close(
         out - x, torch.from_numpy(params.offsets).float().view(50, 1, 1, 1, 1).expand_as(x)
     )

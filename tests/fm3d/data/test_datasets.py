@@ -19,6 +19,7 @@ from fm3d.data.datasets import (
     TableError,
     collate_samples,
     read_region,
+    to_unit,
 )
 from fm3d.data.demo import generate_demo_cohort
 from fm3d.data.prepare import prepare_cache
@@ -43,15 +44,22 @@ class _RecordingVolume:
         return self.array[index]
 
 
-def test_read_region_touches_only_the_slab_and_pads_with_fill():
-    volume = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+def test_read_region_touches_only_the_slab_and_pads_with_the_floor():
+    volume = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6) * 20 - 1000  # -1000 .. 2580 HU
     recorder = _RecordingVolume(volume)
-    out = read_region(recorder, (1, -2, 3), (2, 4, 5), fill=-1000.0)
+    out = read_region(recorder, (1, -2, 3), (2, 4, 5), hu_window=(-500, 1000))
     assert recorder.reads == [(slice(1, 3), slice(0, 2), slice(3, 6))]
-    expected = np.full((2, 4, 5), -1000.0, np.float32)
-    expected[:, 2:4, 0:3] = volume[1:3, 0:2, 3:6]
+    expected = np.zeros((2, 4, 5), np.int16)  # outside the volume: the window floor, shifted to 0
+    expected[:, 2:4, 0:3] = np.clip(volume[1:3, 0:2, 3:6], -500, 1000) + 500
     np.testing.assert_array_equal(out, expected)
-    assert out.dtype == np.float32
+    assert out.dtype == np.int16
+    unit = to_unit(torch.from_numpy(out), (-500, 1000))
+    torch.testing.assert_close(unit, torch.from_numpy(expected / 1500.0).float())
+
+
+def test_fractional_window_is_refused():
+    with pytest.raises(ValueError, match="whole HU"):
+        SampleSpec(hu_window=(-175.5, 250.0))
 
 
 def test_global_view_is_the_normalised_centre_crop(demo_cache: PreparedCache):
@@ -178,3 +186,20 @@ def test_real_totalsegmentator_ct_gives_voco_v2_samples(shared_data: Path, tmp_p
         for key in ("image", "voco_bases", "voco_crops"):
             assert float(sample[key].min()) >= 0.0 and float(sample[key].max()) <= 1.0
         assert float(sample["voco_bases"].max()) > 0.5  # real anatomy, not only padding
+
+
+@pytest.mark.parametrize("voco", ["tiny", "v1"])
+def test_batched_getitems_equals_per_sample_collate(demo_cache: PreparedCache, voco: str):
+    spec = SampleSpec(image_size=(8, 16, 16), image_region=(16, 32, 32), voco=voco)
+    ds = CTDataset(demo_cache, None, spec, train=False)
+    indices = [0, 2] if voco == "tiny" else [1]  # v1 is 16 x 96^3 per sample: keep it to one
+    batch = collate_samples(ds.__getitems__(indices))
+    reference = collate_samples([ds[i] for i in indices])
+    assert batch.keys() == reference.keys()
+    for key, value in reference.items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(batch[key], value, rtol=0, atol=0)
+        else:
+            assert batch[key] == value
+    if voco == "v1":
+        assert batch["voco_bases"].shape == (1, 16, 1, 64, 64, 64)
