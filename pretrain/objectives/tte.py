@@ -61,6 +61,9 @@ class TimeToEventObjective(Objective):
         rank: low rank of MOTOR's per-bin projection.
         horizon_days: time at which the cumulative hazard ranks studies for the validation
             C-index; default the last finite bin edge.
+    The head starts at a hazard of one event per `horizon_days` for every task (not the 1 per
+    day of a zero bias, whose loss on times of years would be in the thousands); call
+    `init_from_labels` with the training labels to start from each task's own rate, as MOTOR does.
     Loss: mean NLL per observed (study, task) pair. Metric: `event_rate` of the batch.
     Validation: `c_index` (mean Harrell's C over tasks with events) and `c_index_tasks`.
     """
@@ -93,7 +96,15 @@ class TimeToEventObjective(Objective):
         self.horizon_days = (
             float(horizon_days) if horizon_days is not None else (finite[-1] if finite else 365.0)
         )
+        with torch.no_grad():
+            self.head.task_layer.bias.fill_(-math.log(self.horizon_days))
         self._val: list[tuple[torch.Tensor, ...]] = []
+
+    def init_from_labels(
+        self, time_days: torch.Tensor, event: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> None:
+        """Start each task at its rate in the training labels, log(events / time at risk) (MOTOR)."""
+        self.head.init_task_bias_(time_days, event, mask)
 
     def _head(self, batch: Mapping[str, object], encoded: Mapping[str, EncoderOutput]):
         pooled = encoded["image"].pooled  # [B, C]

@@ -51,6 +51,16 @@ def test_edges_accept_yaml_forms_and_default_doubling():
         TimeToEventObjective(4, 1, bin_edges_days=[30.0, 10.0])
 
 
+def test_initial_hazard_is_one_event_per_horizon_or_the_label_rate():
+    objective = TimeToEventObjective(4, 2, bin_edges_days=[100.0, 400.0], rank=2)
+    assert objective.head.task_layer.bias.tolist() == pytest.approx([-math.log(400.0)] * 2)
+    time = torch.tensor([[100.0, 50.0], [300.0, 150.0]])
+    event = torch.tensor([[True, False], [True, False]])
+    objective.init_from_labels(time, event)
+    # Task 0: 2 events in 400 days; task 1: no event, counted as half an event in 200 days.
+    assert objective.head.task_layer.bias.tolist() == pytest.approx([math.log(2 / 400), math.log(0.5 / 200)])
+
+
 def test_every_parameter_gets_a_gradient_without_ehr():
     objective = TimeToEventObjective(4, 2, num_bins=3, rank=2)
     pooled = torch.randn(2, 4, requires_grad=True)
