@@ -102,6 +102,10 @@ def convert(state: Mapping[str, torch.Tensor], path: Path) -> PeerConversion:
         "mlp_ratio": (fc1.shape[0] / feature_size) if fc1 is not None else 4.0,
         "qkv_bias": "swinViT.layers1.0.blocks.0.attn.qkv.bias" in weights,
         "use_v2": any(key.startswith("swinViT.layers1c.") for key in weights),
+        # VoCo's preprocessing (Spacingd 1.5 mm, ScaleIntensityRanged -175..250) and fine-tuning crop.
+        "target_spacing_mm": (1.5, 1.5, 1.5),
+        "hu_window": (-175.0, 250.0),
+        "img_size": (96, 96, 96),
     }
     source = {
         "prefix": prefix,

@@ -34,7 +34,7 @@ def test_layouts_are_recognised_from_their_keys(state, expected):
     assert detect_format(state) == expected
 
 
-def test_a_2d_or_other_3d_resnet_is_not_taken_for_merlin():
+def test_another_3d_resnet_is_not_taken_for_merlin():
     # MedicalNet-style 3D ResNet: same block names, but a 7x7x7 single-channel stem.
     state = {"conv1.weight": _t(8, 1, 7, 7, 7), "layer1.0.conv1.weight": _t(8, 8, 1, 1, 1)}
     with pytest.raises(PeerWeightsError, match="no peer layout recognised"):

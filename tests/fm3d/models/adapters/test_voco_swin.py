@@ -80,7 +80,8 @@ def test_voco_checkpoint_loads_and_matches_swinunetr_encoder(tmp_path, how):
     config = encoder.config
     assert (config.feature_size, config.depths, config.num_heads) == (12, (1, 1, 2, 1), (1, 2, 2, 4))
     assert (config.window_size, config.use_v2) == (4, True)
-    assert config.source["format"] == "voco"
+    assert (config.target_spacing_mm, config.hu_window) == ((1.5, 1.5, 1.5), (-175.0, 250.0))
+    assert config.source["format"] == "voco" and config.source["input_permute"] == [0, 1, 4, 3, 2]
     decoder_keys = [k for k in net.state_dict() if not k.startswith(("swinViT.", "encoder"))]
     assert encoder.peer_weights_report.ignored == len(decoder_keys)
 
