@@ -47,6 +47,7 @@ class ClipConfig:
     pooling: str = "cls"
     max_length: int = 256
     lowercase: bool = False
+    trust_remote_code: bool = False
     loss: str = "infonce"
     logit_scale_init: float | None = None
     logit_bias_init: float | None = None
@@ -79,6 +80,7 @@ class ClipModel(nn.Module):
             pooling=config.pooling,
             max_length=config.max_length,
             lowercase=config.lowercase,
+            trust_remote_code=config.trust_remote_code,
         )
         # No biases, as in CLIP: the projections are plain linear maps into the joint space.
         self.image_projection = nn.Linear(config.image_embed_dim, config.proj_dim, bias=False)

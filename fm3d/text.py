@@ -53,6 +53,8 @@ class TextTower(nn.Module):
         max_length: texts are truncated to this many tokens (capped at the model's
             `max_position_embeddings` when it has one).
         lowercase: lowercase texts in `clean_report` before tokenising.
+        trust_remote_code: run the model's own code from its folder (models that ship a
+            custom class, e.g. CXR-BERT, which CT-CLIP uses). Only for sources you trust.
 
     A pooler layer (BERT's tanh dense over [CLS]) is frozen: fm3d pools itself, and a
     trainable layer without gradients would make DDP wait for them forever. It stays in the
@@ -65,6 +67,7 @@ class TextTower(nn.Module):
         pooling: str = "cls",
         max_length: int = 256,
         lowercase: bool = False,
+        trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
@@ -73,8 +76,8 @@ class TextTower(nn.Module):
             raise TextTowerError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         source = str(model_name_or_path)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(source)
-            self.model = AutoModel.from_pretrained(source)
+            self.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+            self.model = AutoModel.from_pretrained(source, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as error:
             raise TextTowerError(
                 f"cannot load the text model {source!r}: {error}. Pass a local folder holding a "

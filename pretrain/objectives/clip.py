@@ -96,6 +96,7 @@ class ClipObjective(Objective):
         lowercase: lowercase reports before tokenising.
         loss: "infonce" (learnable log temperature, init log(1/0.07), exp clamped at 100) or
             "siglip" (learnable t' and b, init log 10 and -10).
+        trust_remote_code: let the text model run its own code (see `fm3d.text.TextTower`).
     Metric: `i2t_R@1`, image->report recall@1 within the global (gathered) batch, valid rows only.
     Validation: `i2t_/t2i_R@{1,5,10}` and `mAP` over the whole validation set.
     The trained heads are `self.clip` (save with `fm3d.clip.save_clip`).
@@ -113,6 +114,7 @@ class ClipObjective(Objective):
         pooling: str = "cls",
         lowercase: bool = False,
         loss: str = "infonce",
+        trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
         config = ClipConfig(
@@ -123,6 +125,7 @@ class ClipObjective(Objective):
             max_length=max_length,
             lowercase=lowercase,
             loss=loss,
+            trust_remote_code=trust_remote_code,
         )
         self.clip = ClipModel(config)
         self.loss_kind = loss
