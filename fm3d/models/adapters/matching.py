@@ -93,12 +93,14 @@ def shown(names: Iterable[str]) -> str:
 
 def unwrap_state_dict(content: Any, path: str | Path) -> dict[str, torch.Tensor]:
     """The tensor dict inside a loaded checkpoint, looking through the usual wrapper keys."""
+    if isinstance(content, nn.Module):  # a pickled whole model, loaded with trust_pickle=True
+        return dict(content.state_dict())
     if isinstance(content, Mapping):
         tensors = {key: value for key, value in content.items() if isinstance(value, torch.Tensor)}
         if tensors and len(tensors) == len(content):
             return dict(tensors)
         for key in WRAPPER_KEYS:
-            if isinstance(content.get(key), Mapping):
+            if isinstance(content.get(key), Mapping | nn.Module):
                 return unwrap_state_dict(content[key], path)
         if tensors:
             return dict(tensors)

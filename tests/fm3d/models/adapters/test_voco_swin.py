@@ -147,6 +147,20 @@ def test_checkpoint_with_pickled_objects_needs_trust_pickle(tmp_path):
     torch.testing.assert_close(encoder(x).tokens, _tokens(bottleneck), atol=ATOL, rtol=0)
 
 
+def test_pickled_whole_model_loads_with_trust_pickle(tmp_path):
+    net = _swin_unetr()
+    path = tmp_path / "swinunetr_model.pt"
+    torch.save({"model": net, "epoch": 1}, path)
+
+    with pytest.raises(UnsafeCheckpointError, match="SwinUNETR"):
+        fm3d.load_encoder(path)
+    encoder = fm3d.load_encoder(path, trust_pickle=True).eval()
+
+    x = torch.randn(1, 1, 64, 32, 32)  # instance norm needs > 1 voxel at 1/32
+    bottleneck, _ = _monai_encoder_maps(net, x)
+    torch.testing.assert_close(encoder(x).tokens, _tokens(bottleneck), atol=ATOL, rtol=0)
+
+
 def test_byte_truncated_file_names_the_file(tmp_path):
     path = tmp_path / "voco.pt"
     torch.save(_swin_unetr().state_dict(), path)
