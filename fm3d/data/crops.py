@@ -69,8 +69,8 @@ class VoCoGeometry:
     def base_starts(self) -> np.ndarray:
         """[K, 2] (h0, w0) corner of each base crop in the region, VoCo's x-major order."""
         b = self.base_size
-        i, j = np.meshgrid(np.arange(self.grid), np.arange(self.grid), indexing="ij")  # i: x (W), j: y (H)
-        return np.stack([j.ravel() * b, i.ravel() * b], axis=1)
+        i, j = np.divmod(np.arange(self.num_bases), self.grid)  # k = i * n + j; i along x (W), j along y (H)
+        return np.stack([j * b, i * b], axis=1)
 
     def draw_random_centres(self, rng: np.random.Generator) -> np.ndarray:
         """[R, 2] (h, w) centres of the random crops, drawn as VoCo's `get_position_label`.

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, get_worker_info
 
-from fm3d.data.augment import AugmentConfig, AugmentParams, apply_augmentation
+from fm3d.data.augment import AugmentConfig, AugmentParams, apply_intensity, spatial_view
 from fm3d.data.cache import PreparedCache
 from fm3d.data.crops import VoCoGeometry, voco_geometry
 from fm3d.data.errors import DataError
@@ -301,35 +301,38 @@ class CTDataset(Dataset):
             unit = to_unit(shifted, self.spec.window)[None, None]
             x = _resized(unit, tuple(size), None if out is None else out[None])[0]
         if augment is not None:
-            apply_augmentation(x[None], AugmentParams.draw(1, rng, augment, spatial=False))
+            apply_intensity(x[None], AugmentParams.draw(1, rng, augment, spatial=False))
         return x  # [1, D, H, W]
 
     def _voco(self, volume: np.ndarray, rng, augment: AugmentConfig | None, bases=None, crops=None) -> dict:
         g, window = self.geometry, self.spec.window
         start = region_start(volume.shape, g.region_size, rng if self.train else None)
         region = torch.from_numpy(read_region(volume, start, g.region_size, window))  # [D, n*b, n*b]
-        n, b, depth = g.grid, g.base_size, g.region_size[0]
+        b, depth = g.base_size, g.region_size[0]
         resize = g.output_size != b
         # Without a resize the crops are written straight into the given (batch) tensors.
         base_out = bases if bases is not None and not resize else torch.empty((g.num_bases, 1, depth, b, b))
         crop_out = (
             crops if crops is not None and not resize else torch.empty((g.num_random_crops, 1, depth, b, b))
         )
-        # Bases straight from the integer region into their float stack: view the region as
-        # (D, j, h, i, w) blocks and order them (i, j) = VoCo's x-major k = i * n + j.
-        blocks = region.view(depth, n, b, n, b).permute(3, 1, 0, 2, 4)
-        to_unit(blocks, window, out=base_out.view(n, n, depth, b, b))
+        # Each crop goes from the integer region (turned/flipped there, where it is cheap)
+        # straight into its float slot; bases in VoCo's x-major order k = i * n + j.
+        base_params = None if augment is None else AugmentParams.draw(g.num_bases, rng, augment)
         centres = g.draw_random_centres(rng)
-        for r, (h, w) in enumerate(g.random_starts(centres)):
-            to_unit(region[:, h : h + b, w : w + b], window, out=crop_out[r, 0])
+        crop_params = None if augment is None else AugmentParams.draw(g.num_random_crops, rng, augment)
+        for stack, starts, params in ((base_out, g.base_starts(), base_params),
+                                      (crop_out, g.random_starts(centres), crop_params)):  # fmt: skip
+            for c, (h, w) in enumerate(starts):
+                crop = region[:, h : h + b, w : w + b]
+                to_unit(crop if params is None else spatial_view(crop, params, c), window, out=stack[c, 0])
         if resize:  # VoCo v1: Resized(mode="bilinear", align_corners=True) to 64^3
             base_out, crop_out = (
                 _resized(base_out, g.crop_shape, bases),
                 _resized(crop_out, g.crop_shape, crops),
             )
         if augment is not None:
-            apply_augmentation(base_out, AugmentParams.draw(len(base_out), rng, augment))
-            apply_augmentation(crop_out, AugmentParams.draw(len(crop_out), rng, augment))
+            apply_intensity(base_out, base_params)
+            apply_intensity(crop_out, crop_params)
         labels = torch.from_numpy(g.overlap_labels(centres).astype(np.float32))
         return {"voco_bases": base_out, "voco_crops": crop_out, "voco_labels": labels}
 
