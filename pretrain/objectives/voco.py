@@ -34,6 +34,9 @@ Where fm3d differs, and why:
   keeps that behaviour (`feature_dropout`), but only in training mode (VoCo builds the
   module inside forward, so it also dropped rows at evaluation).
 
+Under DDP, VoCo's `voco_train.py` converts the heads' BatchNorm with
+`convert_sync_batchnorm`; Lightning's `Trainer(sync_batchnorm=True)` does the same here.
+
 Batch: `voco_crops` [B, R, 1, d, h, w] and `voco_bases` [B, K, 1, d, h, w] are encoded by the
 caller as [B*R, ...] and [B*K, ...] (see base.py); `voco_labels` [B, R, K] are the overlap
 shares from `fm3d.data.crops`.
