@@ -42,6 +42,11 @@ class Grid:
     y: np.ndarray  # [1, H, 1]
     x: np.ndarray  # [1, 1, W]
 
+    @property
+    def axes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The (z, y, x) coordinates as 1-D ascending arrays."""
+        return self.z.ravel(), self.y.ravel(), self.x.ravel()
+
     @classmethod
     def centred(cls, shift_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> Grid:
         axes = [
@@ -81,6 +86,24 @@ class _Painter:
         self.image[mask] = hu
         if label is not None:
             self.labels[mask] = label
+
+    def paint_sphere(
+        self, centre, radius_mm: float, hu: float, label: int | None = None, within=None
+    ) -> None:
+        """A ball evaluated only in its bounding box (lesions are small; the volume is not)."""
+        box = tuple(
+            slice(*np.searchsorted(axis, [c - radius_mm, c + radius_mm]))
+            for axis, c in zip(self.g.axes, (centre[2], centre[1], centre[0]), strict=True)
+        )
+        z, y, x = (axis[b] for axis, b in zip(self.g.axes, box, strict=True))
+        mask = (x[None, None] - centre[0]) ** 2 + (y[None, :, None] - centre[1]) ** 2 + (
+            z[:, None, None] - centre[2]
+        ) ** 2 < radius_mm**2
+        if within is not None:
+            mask &= np.broadcast_to(within, SHAPE)[box]
+        self.image[box][mask] = hu
+        if label is not None:
+            self.labels[box][mask] = label
 
 
 def synthesize(
@@ -178,10 +201,8 @@ def _paint_findings(p, found, lungs, lung_ax, lung_masks, liver_c, liver_ax, kid
         for _ in range(count):
             side = "right" if rng.random() < 0.5 else "left"
             centre = _point_in(lungs[side][0], lung_ax, rng.uniform(-1, 1, 2), depth=0.6)
-            bulla = np.sqrt(
-                (g.x - centre[0]) ** 2 + (g.y - rng.uniform(-12, 12)) ** 2 + (g.z - centre[2]) ** 2
-            )
-            p.paint((bulla < rng.uniform(3, 6)) & lung_masks[side], HU["bulla"])
+            centre = (centre[0], rng.uniform(-12, 12), centre[2])
+            p.paint_sphere(centre, rng.uniform(3, 6), HU["bulla"], within=lung_masks[side])
     if "pleural_effusion" in found:
         f = found["pleural_effusion"]
         depth = 0.28 if f.severity == "small" else 0.5
@@ -193,21 +214,18 @@ def _paint_findings(p, found, lungs, lung_ax, lung_masks, liver_c, liver_ax, kid
         centre, _ = lungs[f.side]
         dz = {"upper lobe": 0.5, "middle lobe": 0.0, "lower lobe": -0.45}[f.region]
         where = _point_in(centre, lung_ax, (0.5 * f.position[0], dz), depth=0.55)
-        nodule = _sphere(g, (where[0], 5.0 * f.position[1], where[2]), f.size_mm / 2)
-        p.paint(nodule, HU["nodule"], LABELS["lesion"])
+        p.paint_sphere(
+            (where[0], 5.0 * f.position[1], where[2]), f.size_mm / 2, HU["nodule"], LABELS["lesion"]
+        )
     if "liver_lesion" in found:
         f = found["liver_lesion"]
         x = liver_c[0] + (0.45 if f.region == "right lobe" else -0.45) * liver_ax[0]
         where = (x, liver_c[1] + 0.3 * liver_ax[1] * f.position[1], liver_c[2] - 0.2 * liver_ax[2])
         base = HU["fatty_liver"] if steatosis else HU["liver"]
-        p.paint(_sphere(g, where, f.size_mm / 2), base - 60 if not steatosis else base - 35, LABELS["lesion"])
+        p.paint_sphere(where, f.size_mm / 2, base - 60 if not steatosis else base - 35, LABELS["lesion"])
     if "kidney_cyst" in found:
         f = found["kidney_cyst"]
         (cx, cy, cz), _ = kidneys[f.side]
         dz = {"upper pole": 0.55, "interpolar region": 0.0, "lower pole": -0.55}[f.region]
         where = (cx + 0.35 * kidney_ax[0] * np.sign(cx), cy, cz + dz * kidney_ax[2])
-        p.paint(_sphere(g, where, f.size_mm / 2), HU["cyst"], LABELS["lesion"])
-
-
-def _sphere(g: Grid, centre: tuple[float, float, float], radius_mm: float) -> np.ndarray:
-    return (g.x - centre[0]) ** 2 + (g.y - centre[1]) ** 2 + (g.z - centre[2]) ** 2 < radius_mm**2
+        p.paint_sphere(where, f.size_mm / 2, HU["cyst"], LABELS["lesion"])
