@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -35,7 +36,13 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from pretrain.callbacks import ExportEncoder, TrainingPlots
 from pretrain.checkpoint_io import AtomicCheckpointIO
 from pretrain.module import PretrainConfigError, PretrainModule
-from pretrain.tracking import build_mlflow_logger, local_tracking_uri, log_artifacts, remember_run_id
+from pretrain.tracking import (
+    build_mlflow_logger,
+    local_tracking_uri,
+    log_artifacts,
+    mlflow_logger,
+    remember_run_id,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +82,12 @@ def resolve_run_dir(
 
 
 class TrackedConfig(SaveConfigCallback):
-    """Write the resolved config to `<run>/config.yaml` and log it to MLflow (config + params)."""
+    """Write the resolved config to `<run>/config.yaml` and log it to MLflow (artifact + params).
+
+    A resumed run logs into the MLflow run it continues, where params cannot change value:
+    only new keys are added, and the changed ones are recorded in the tag
+    `fm3d.resume_overrides` (the artifact `config.yaml` always holds the latest config).
+    """
 
     def save_config(self, trainer: Trainer, pl_module, stage: str) -> None:
         if not trainer.is_global_zero:
@@ -85,8 +97,18 @@ class TrackedConfig(SaveConfigCallback):
         self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=False)
         log_artifacts(trainer, path)
         remember_run_id(trainer, trainer.default_root_dir)
-        for tracker in trainer.loggers:
-            tracker.log_hyperparams(_flatten(self.config.as_dict(), skip=("trainer.callbacks",)))
+        params = _flatten(self.config.as_dict(), skip=("trainer.callbacks",))
+        tracker = mlflow_logger(trainer)
+        if tracker is not None:
+            logged = tracker.experiment.get_run(tracker.run_id).data.params
+            changed = {key: value for key, value in params.items() if key in logged and logged[key] != value}
+            params = {key: value for key, value in params.items() if key not in logged}
+            if changed:
+                overrides = json.dumps(changed)[:5000]
+                tracker.experiment.set_tag(tracker.run_id, "fm3d.resume_overrides", overrides)
+        for logger_ in trainer.loggers:
+            if params:
+                logger_.log_hyperparams(params)
 
 
 def _flatten(tree: Mapping, prefix: str = "", skip: tuple[str, ...] = ()) -> dict[str, str]:
@@ -118,9 +140,19 @@ class PretrainCLI(LightningCLI):
             save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
             seed_everything_default=0,
             auto_configure_optimizers=False,
+            parser_kwargs={
+                "prog": "fm3d pretrain",
+                "description": "Pretrain an fm3d encoder (VoCo, CT-report CLIP, phenotype, time-to-event).",
+            },
             args=args,
             run=run,
         )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """`fit` and `validate` only: a pretraining module has no test or predict step."""
+        kept = ("fit", "validate")
+        return {name: keys for name, keys in LightningCLI.subcommands().items() if name in kept}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--name", default="pretrain", help="run name: runs go to <runs_root>/<name>/")
@@ -165,17 +197,31 @@ class PretrainCLI(LightningCLI):
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())
         kwargs["plugins"] = plugins
+        # TrackedConfig logs the whole resolved config; Lightning's own hparam logging would log
+        # a second, partial copy and fail on a resumed MLflow run whose values changed.
+        kwargs["enable_autolog_hparams"] = False
         return super().instantiate_trainer(**kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `fm3d pretrain`; prints where the run went and its final metrics."""
-    cli = PretrainCLI(args=argv)
+    # `fm3d` hands over argv explicitly, which LightningCLI warns about when sys.argv has args.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    inherited = os.environ.get(RUN_DIR_ENV)
+    try:
+        cli = PretrainCLI(args=argv)
+    finally:
+        # The run folder is handed to processes spawned during this run only, not to the next
+        # run started from the same Python process.
+        if inherited is None:
+            os.environ.pop(RUN_DIR_ENV, None)
+        else:
+            os.environ[RUN_DIR_ENV] = inherited
     if cli.subcommand is None or not cli.trainer.is_global_zero:
         return 0
+    uri = cli.tracking_uri or local_tracking_uri(cli.run_dir)
     print(f"run folder: {cli.run_dir.resolve()}")
-    print(f"MLflow:     {cli.tracking_uri or local_tracking_uri(cli.run_dir)}  "
-          f"(browse: mlflow ui --backend-store-uri {cli.tracking_uri or local_tracking_uri(cli.run_dir)})")
+    print(f"MLflow:     {uri}  (browse: mlflow ui --backend-store-uri {uri})")
     if cli.subcommand == "fit" and (cli.run_dir / "export" / "encoder").is_dir():
         print(f"encoder:    {(cli.run_dir / 'export' / 'encoder').resolve()}")
     metrics = {k: float(v) for k, v in sorted(cli.trainer.callback_metrics.items()) if v.numel() == 1}

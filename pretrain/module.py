@@ -181,6 +181,11 @@ class PretrainModule(pl.LightningModule):
         for name, objective in self.objectives.items():
             for size in _DATA_SIZES:
                 ours, theirs = getattr(objective, size, None), getattr(datamodule, size, None)
+                if ours is not None and theirs == 0:
+                    raise PretrainConfigError(
+                        f"objective {name!r} needs {size} from a label table, but the data module has "
+                        "none; set data.labels to the parquet written by `fm3d ehr labels`"
+                    )
                 if ours is not None and theirs is not None and int(ours) != int(theirs):
                     raise PretrainConfigError(
                         f"objective {name!r} has {size}={ours} but the data module's label table has "

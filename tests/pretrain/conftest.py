@@ -55,3 +55,129 @@ def make_batch(
         "tte_time": torch.rand(batch_size, num_tasks, generator=g) * 1000 * ehr[:, None],
         "tte_event": (torch.rand(batch_size, num_tasks, generator=g) > 0.5) & ehr[:, None],
     }
+
+
+@pytest.fixture(scope="session")
+def demo_cohort(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A 24-study demo cohort run through the real chain: demo-data, ehr labels, prepare, text model.
+
+    Returns the paths a run config needs: cache, labels, text_model (and root).
+    """
+    import polars as pl
+
+    from fm3d.cli import main as fm3d_main
+
+    root = tmp_path_factory.mktemp("demo")
+    assert fm3d_main(["demo-data", "--out", str(root), "--studies", "24", "--seed", "0"]) == 0
+    assert (
+        fm3d_main(
+            [
+                "ehr",
+                "labels",
+                "--meds",
+                str(root / "meds"),
+                "--studies",
+                str(root / "manifest.parquet"),
+                "--out",
+                str(root / "labels.parquet"),
+                "--phenotypes",
+                str(root / "phenotypes.yaml"),
+                "--tasks-k",
+                "4",
+            ]
+        )
+        == 0
+    )
+    assert (
+        fm3d_main(
+            [
+                "prepare",
+                "--manifest",
+                str(root / "manifest.parquet"),
+                "--out",
+                str(root / "cache"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    manifest = pl.read_parquet(root / "manifest.parquet")
+    texts = [
+        f"{f or ''}\n{i or ''}" for f, i in zip(manifest["findings"], manifest["impression"], strict=True)
+    ]
+    text_model = init_text_model(
+        root / "text_model", texts, vocab_size=200, hidden_size=32, num_layers=1, num_heads=2, max_length=64
+    )
+    return {
+        "root": root,
+        "cache": root / "cache",
+        "labels": root / "labels.parquet",
+        "text_model": text_model,
+    }
+
+
+def tiny_run_config(
+    cohort: dict[str, Path],
+    path: Path,
+    objectives: tuple[str, ...] = ("voco", "clip", "phenotype", "tte"),
+    **trainer: object,
+) -> Path:
+    """Write a CLI config: vit3d_tiny on 16^3 views (VoCo: 32^3 crops), tiny heads, CPU."""
+    import json
+
+    import polars as pl
+
+    labels = pl.read_parquet(cohort["labels"])
+    available = {
+        "voco": {
+            "class_path": "pretrain.objectives.voco.VoCoObjective",
+            "init_args": {"version": "v2", "hidden_dim": 32, "out_dim": 16},
+        },
+        "clip": {
+            "class_path": "pretrain.objectives.clip.ClipObjective",
+            "init_args": {"text_model": str(cohort["text_model"]), "proj_dim": 16, "max_length": 32},
+        },
+        "phenotype": {
+            "class_path": "pretrain.objectives.phenotype.PhenotypeObjective",
+            "init_args": {"num_phenotypes": len(labels["phenotype"][0])},
+        },
+        "tte": {
+            "class_path": "pretrain.objectives.tte.TimeToEventObjective",
+            "init_args": {"num_tasks": len(labels["tte_time"][0]), "num_bins": 4, "rank": 4},
+        },
+    }
+    config = {
+        "name": "test",
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "num_sanity_val_steps": 0,
+            **trainer,
+        },
+        "model": {
+            "encoder": "vit3d_tiny",
+            "encoder_overrides": {"img_size": [16, 16, 16], "patch_size": [8, 8, 8], "depth": 2},
+            "objectives": {name: available[name] for name in objectives},
+            "optimizer": {"lr": 1e-3, "warmup_steps": 2},
+        },
+        "data": {
+            "cache_dir": str(cohort["cache"]),
+            "labels": str(cohort["labels"]),
+            "image_size": [16, 16, 16],
+            "voco": "tiny" if "voco" in objectives else None,
+            "batch_size": 4,
+            "num_workers": 0,
+        },
+    }
+    path.write_text(json.dumps(config, indent=1))  # JSON is YAML
+    return path
+
+
+@pytest.fixture(scope="session")
+def run_config():
+    """`tiny_run_config(cohort, path, objectives=..., **trainer)`: write a tiny CLI config."""
+    return tiny_run_config
