@@ -121,7 +121,7 @@ def _flatten(tree: Mapping, prefix: str = "", skip: tuple[str, ...] = ()) -> dic
         if isinstance(value, Mapping):
             flat.update(_flatten(value, f"{path}.", skip))
         else:
-            flat[path] = json.dumps(value, default=str)[:500]
+            flat[path] = (value if isinstance(value, str) else json.dumps(value, default=str))[:500]
     return flat
 
 
