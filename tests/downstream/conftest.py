@@ -53,4 +53,11 @@ def metric_history(run_dir: Path, run_id: str, key: str) -> list[float]:
 @pytest.fixture(scope="session")
 def cli_kit() -> SimpleNamespace:
     """What CLI tests share: the config folder, a tiny encoder override, MLflow read-back helpers."""
-    return SimpleNamespace(conf=CONF, tiny_vit=TINY_VIT, runs=mlflow_runs, history=metric_history)
+    return SimpleNamespace(
+        conf=CONF, tiny_vit=TINY_VIT, runs=mlflow_runs, history=metric_history, client=mlflow_client
+    )
+
+
+def mlflow_client(run_dir: Path) -> mlflow.MlflowClient:
+    """An MLflow client on the embedded store under `run_dir`."""
+    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
