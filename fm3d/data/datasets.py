@@ -81,7 +81,7 @@ class LabelTable:
     """Per-study label arrays by study_id, one fixed-width array column each (meaning unknown here).
 
     Boolean columns stay boolean, everything else becomes float32; a study absent from the
-    table gets zeros and `has_ehr` False.
+    table gets zeros and `has_ehr` False, as does a row whose own `has_ehr` column is False.
     """
 
     def __init__(self, table: pl.DataFrame, columns: Sequence[str], source: str | Path = "<labels>") -> None:
@@ -106,6 +106,9 @@ class LabelTable:
             boolean = column.dtype.inner == pl.Boolean
             self.arrays[name] = values.astype(np.bool_ if boolean else np.float32).reshape(len(column), -1)
         self._row = {sid: i for i, sid in enumerate(table["study_id"].to_list())}
+        # A table may itself flag rows without usable EHR (e.g. `fm3d ehr labels`' has_ehr).
+        flags = table["has_ehr"].fill_null(False).cast(pl.Boolean) if "has_ehr" in table.columns else None
+        self._has_ehr = np.ones(table.height, bool) if flags is None else flags.to_numpy()
 
     @property
     def widths(self) -> dict[str, int]:
@@ -118,7 +121,7 @@ class LabelTable:
             return {
                 n: np.zeros_like(a[0]) if len(a) else np.zeros(0, a.dtype) for n, a in self.arrays.items()
             }, False
-        return {name: array[row] for name, array in self.arrays.items()}, True
+        return {name: array[row] for name, array in self.arrays.items()}, bool(self._has_ehr[row])
 
 
 @dataclass(frozen=True)

@@ -162,6 +162,15 @@ def test_reports_and_labels_join_with_masks(demo_cache: PreparedCache):
     assert batch["image"].shape == (4, 1, 8, 16, 16)
 
 
+def test_label_table_honours_its_own_has_ehr_column():
+    table = pl.DataFrame(
+        {"study_id": ["a", "b", "c"], "has_ehr": [True, False, None], "p": [[1.0], [2.0], [3.0]]}
+    )
+    labels = LabelTable(table, ("p",))
+    assert [labels.get(s)[1] for s in ("a", "b", "c", "absent")] == [True, False, False, False]
+    assert labels.get("b")[0]["p"].tolist() == [2.0]
+
+
 def test_table_errors_name_the_problem():
     with pytest.raises(TableError, match="lacks label column 'phenotype'"):
         LabelTable(pl.DataFrame({"study_id": ["a"], "x": [[1.0]]}), ("phenotype",), "labels.parquet")
