@@ -48,7 +48,8 @@ def test_patient_split_keeps_patients_together(demo_cohort: Path) -> None:
 def test_segmentation_crops_and_label_remap(demo_cohort: Path) -> None:
     module = SegmentationDataModule(
         str(demo_cohort / "cache"), label_values=[2, 1], class_names=["spleen", "liver"],
-        roi_size=(16, 32, 32), foreground_ratio=1.0, fixed_splits={"train": ["P00000_S1"], "val": ["P00000_S1"]}, batch_size=2,
+        roi_size=(16, 32, 32), foreground_ratio=1.0, batch_size=2,
+        fixed_splits={"train": ["P00000_S1"], "val": ["P00000_S1"]},
     )  # fmt: skip
     module.setup("fit")
     raw = np.asarray(module.cache.label("P00000_S1"))
