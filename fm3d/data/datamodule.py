@@ -12,8 +12,12 @@ apply_on="instantiate")`).
 
 Randomness: the train loader shuffles with a generator seeded from `seed`, and each worker
 restarts its dataset's random stream from (seed, rank, worker seed), so a run with the same
-seed, world size and `num_workers` draws the same samples (mid-epoch resumption is not
-reproduced).
+seed, world size and `num_workers` draws the same samples. The module's `state_dict` (saved
+in Lightning checkpoints) holds the shuffle generator and, with `num_workers=0`, the dataset's
+stream, so a run resumed from an epoch-end checkpoint draws what an uninterrupted run would.
+With workers, their seeds come from the restored generator, which reproduces the stream too
+unless `persistent_workers` kept the workers' streams running across epochs. Mid-epoch
+resumption is not reproduced.
 """
 
 from __future__ import annotations
@@ -121,6 +125,7 @@ class CTDataModule(L.LightningDataModule):
         # One generator for the module's lifetime: a re-created loader continues the stream
         # instead of replaying the first epoch's shuffle and worker seeds.
         self._generator = torch.Generator().manual_seed(seed)
+        self._restored_rng_state: dict | None = None
 
     # What the model needs to know about the data, before setup (for LightningCLI links).
     @cached_property
@@ -168,6 +173,8 @@ class CTDataModule(L.LightningDataModule):
             self.datasets[split] = CTDataset(
                 cache, ids, self.spec, reports, self.label_table, train=split == "train", seed=self.seed
             )
+        if self._restored_rng_state is not None:
+            self.datasets["train"].set_rng_state(self._restored_rng_state)
         self.datasets["predict"] = CTDataset(
             cache, None, self.spec, reports, self.label_table, train=False, seed=self.seed
         )
@@ -175,6 +182,21 @@ class CTDataModule(L.LightningDataModule):
             "CTDataModule: %s",
             ", ".join(f"{name} {len(ds)}" for name, ds in self.datasets.items()),
         )
+
+    def state_dict(self) -> dict:
+        """Sampling state for exact resumption; values load with `torch.load(weights_only=True)`."""
+        train = self.datasets.get("train")
+        return {
+            "generator": self._generator.get_state(),
+            "dataset_rng": None if train is None else train.rng_state(),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Continue sampling from a checkpoint's state (Lightning calls this after `setup`)."""
+        self._generator.set_state(state_dict["generator"])
+        self._restored_rng_state = state_dict.get("dataset_rng")
+        if self._restored_rng_state is not None and "train" in self.datasets:
+            self.datasets["train"].set_rng_state(self._restored_rng_state)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         workers = self.num_workers

@@ -237,6 +237,15 @@ class CTDataset(Dataset):
         """Restart the training random stream (called per DataLoader worker by the DataModule)."""
         self._rng = np.random.default_rng([self.seed, *entropy])
 
+    def rng_state(self) -> dict[str, Any] | None:
+        """The training stream's state in this process (None before its first draw, or in workers)."""
+        return None if self._rng is None else self._rng.bit_generator.state
+
+    def set_rng_state(self, state: dict[str, Any]) -> None:
+        """Continue the training stream from a state `rng_state` returned (exact resumption)."""
+        self._rng = np.random.default_rng()
+        self._rng.bit_generator.state = state
+
     def _generator(self, index: int) -> np.random.Generator:
         if not self.train:  # evaluation: the same crops every epoch
             return np.random.default_rng([self.seed, index])

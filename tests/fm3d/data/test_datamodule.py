@@ -82,6 +82,38 @@ def test_worker_seeding_makes_runs_reproducible(demo):
     )
 
 
+def _epoch(dm: CTDataModule) -> list[dict]:
+    return list(iter(dm.train_dataloader()))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_state_dict_resumes_the_sampling_stream(demo, workers):
+    """A module restored from `state_dict` (a weights-only file) draws what the original would."""
+    options = dict(num_workers=workers, persistent_workers=False, **SMALL)
+    straight = CTDataModule(demo["cache"], **options)
+    straight.setup("fit")
+    _epoch(straight)
+    state = straight.state_dict()
+    path = demo["root"] / f"dm_state_{workers}.pt"
+    torch.save(state, path)
+    expected = _epoch(straight)
+
+    resumed = CTDataModule(demo["cache"], **options)
+    resumed.setup("fit")
+    resumed.load_state_dict(torch.load(path, weights_only=True))
+    got = _epoch(resumed)
+    for a, b in zip(expected, got, strict=True):
+        assert a["study_id"] == b["study_id"]
+        assert torch.equal(a["voco_crops"], b["voco_crops"]) and torch.equal(a["image"], b["image"])
+    # without the state the second epoch would replay the first one's draws
+    fresh = CTDataModule(demo["cache"], **options)
+    fresh.setup("fit")
+    replayed = _epoch(fresh)
+    assert not all(
+        torch.equal(a["voco_crops"], b["voco_crops"]) for a, b in zip(expected, replayed, strict=True)
+    )
+
+
 class _TinyModel(L.LightningModule):
     """Consumes the batch contract: image, VoCo crops and phenotypes (masked by has_ehr)."""
 
