@@ -13,7 +13,8 @@ owns what every task shares, so a task module only says what its head computes:
   metric of the summary as `{stage}/{metric}`. After `trainer.test`, `task.evaluation` and
   `task.collected` hold the test summary and raw outputs; `fm3d evaluate` writes them out with
   the figures of `task.figures(collected, evaluation)`.
-- checkpoints carry `"fm3d_encoder_config"` (the encoder's config) and `"fm3d_task"`.
+- checkpoints carry `"fm3d_encoder_config"` (the encoder's config) and `"fm3d_task"`; LoRA runs
+  also `"fm3d_encoder_state_dict"`, the encoder with its adapters merged (plain names).
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ import fm3d
 from downstream.strategies import FinetuneStrategy, apply_strategy, merge_lora, parameter_groups
 
 logger = logging.getLogger(__name__)
+
+# Checkpoint entry with a LoRA run's encoder weights merged under the encoder's own parameter names.
+MERGED_ENCODER_KEY = "fm3d_encoder_state_dict"
 
 
 class EncoderSpecError(ValueError):
@@ -257,6 +261,12 @@ class DownstreamTask(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["fm3d_encoder_config"] = self.encoder.config.to_dict()
         checkpoint["fm3d_task"] = self.task_name
+        if self.strategy.name == "lora":
+            # The state_dict holds peft's names (base_layer, lora_A/B) so training can resume; the
+            # merged weights under the encoder's own names are what a plain encoder loads.
+            checkpoint[MERGED_ENCODER_KEY] = {
+                k: v.detach().cpu() for k, v in self.plain_encoder().state_dict().items()
+            }
 
 
 def _concatenate(outputs: list[dict[str, torch.Tensor | list]]) -> dict[str, torch.Tensor | list]:

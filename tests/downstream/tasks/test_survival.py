@@ -13,6 +13,7 @@ from sksurv.metrics import concordance_index_censored, integrated_brier_score
 from sksurv.nonparametric import kaplan_meier_estimator
 from sksurv.util import Surv
 
+import fm3d
 from downstream.cli import main as finetune
 from downstream.evaluate import main as evaluate
 from downstream.plots import kaplan_meier
@@ -41,6 +42,8 @@ def test_survival_fit_and_evaluate_through_the_cli(
     assert state["hyper_parameters"]["task_names"] == ["MEDS_DEATH", "HOSPITAL_ADMISSION//EMERGENCY"]
     # LoRA: only adapters and the head changed; the saved edges are the training-event quantiles.
     assert any("lora_A" in k for k in state["state_dict"])
+    merged = fm3d.create_encoder("vit3d_tiny", **TINY)
+    merged.load_state_dict(state["fm3d_encoder_state_dict"])  # adapters folded in, plain names
     assert state["state_dict"]["head.bin_edges_days"][0] == 0 and torch.isinf(
         state["state_dict"]["head.bin_edges_days"][-1]
     )
