@@ -6,7 +6,7 @@ the child processes.
 
 from __future__ import annotations
 
-import os
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -51,12 +51,17 @@ def validation_metrics(text_model: str, inputs: dict, start: int, stop: int) -> 
     return results
 
 
-def run(
-    rank: int, world_size: int, port: int, text_model: str, losses: list, inputs: dict, rows: list, out: str
-):
+def run(rank: int, world_size: int, text_model: str, losses: list, inputs: dict, rows: list, out: str):
     """Rank `rank` takes rows[rank] of the global batch, runs two DDP steps per loss, saves results."""
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    # A file rendezvous in the test's own folder: no TCP port another test could take meanwhile.
+    # A short timeout turns a lost peer into an error instead of a 30-minute hang.
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{Path(out) / 'rendezvous'}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(minutes=3),
+    )
     try:
         start, stop = rows[rank]
         for loss in losses:

@@ -12,7 +12,6 @@ per-rank mean loss under DDP). Ranks hold unequal row counts and one study has n
 
 from __future__ import annotations
 
-import socket
 import sys
 from pathlib import Path
 
@@ -35,12 +34,6 @@ REPORTS = [
 ROWS = [(0, 3), (3, 5)]  # rank 0: 3 rows, rank 1: 2 rows
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 LOSSES = ["infonce", "siglip"]
 
 
@@ -59,7 +52,7 @@ def test_two_process_clip_equals_single_process(tmp_path):
     }
     mp.spawn(
         clip_ddp_worker.run,
-        args=(2, _free_port(), text_model, LOSSES, inputs, ROWS, str(tmp_path)),
+        args=(2, text_model, LOSSES, inputs, ROWS, str(tmp_path)),
         nprocs=2,
         join=True,
     )
