@@ -19,6 +19,7 @@ owns what every task shares, so a task module only says what its head computes:
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import re
@@ -181,8 +182,6 @@ class DownstreamTask(L.LightningModule):
 
     def plain_encoder(self) -> nn.Module:
         """The encoder as a plain fm3d module (LoRA merged into a copy), ready for `fm3d.save_encoder`."""
-        import copy
-
         encoder = copy.deepcopy(self.encoder)
         return merge_lora(encoder) if self.strategy.name == "lora" else encoder
 
