@@ -98,7 +98,7 @@ def _machine_table() -> str:
     sys.path.insert(0, str(HERE))  # the scripts' helpers, importable as they are when run as scripts
     from _common import machine, markdown_table
 
-    return markdown_table(("", ""), list(machine().items()))
+    return markdown_table(("machine", ""), list(machine().items()))
 
 
 def render(runs: list[ScriptRun], argv: list[str], machine_table: str, started: datetime.datetime) -> str:
