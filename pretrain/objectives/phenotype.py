@@ -14,7 +14,6 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.stats import rankdata
 from torch import nn
 
 from fm3d.models.encoder import EncoderOutput
@@ -22,6 +21,13 @@ from pretrain.objectives.base import Objective, ObjectiveError, masked_mean, req
 from pretrain.objectives.gather import gather_rows
 
 logger = logging.getLogger(__name__)
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks of `values`, tied values sharing the mean of their ranks."""
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    last = np.cumsum(counts)  # rank of each distinct value's last occurrence
+    return (last - (counts - 1) / 2)[inverse.reshape(-1)]
 
 
 def macro_auroc(scores: np.ndarray, labels: np.ndarray, observed: np.ndarray) -> tuple[float, int]:
@@ -38,7 +44,7 @@ def macro_auroc(scores: np.ndarray, labels: np.ndarray, observed: np.ndarray) ->
         positives, negatives = int(y.sum()), int((~y).sum())
         if positives == 0 or negatives == 0:
             continue
-        ranks = rankdata(s)  # average ranks for ties
+        ranks = _average_ranks(s)
         aucs.append((ranks[y].sum() - positives * (positives + 1) / 2) / (positives * negatives))
     return (float(np.mean(aucs)), len(aucs)) if aucs else (float("nan"), 0)
 
