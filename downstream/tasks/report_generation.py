@@ -187,9 +187,16 @@ class ReportGenerationTask(DownstreamTask):
 
     @torch.no_grad()
     def generate(
-        self, image: torch.Tensor, num_beams: int | None = None, max_new_tokens: int | None = None
+        self,
+        image: torch.Tensor,
+        num_beams: int | None = None,
+        max_new_tokens: int | None = None,
+        **options: Any,
     ) -> list[str]:
-        """Reports for a batch of HU images [B, 1, D, H, W] (greedy when num_beams is 1)."""
+        """Reports for a batch of HU images [B, 1, D, H, W] (greedy when num_beams is 1).
+
+        `options` go to HF `generate` as they are (e.g. `min_new_tokens`, `repetition_penalty`).
+        """
         prefix = self.prefix(image)
         attention = torch.ones(prefix.shape[:2], dtype=torch.long, device=self.device)
         ids = self.language_model.generate(
@@ -200,6 +207,7 @@ class ReportGenerationTask(DownstreamTask):
             do_sample=False,
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
+            **options,
         )
         # With inputs_embeds only, generate returns just the new tokens.
         return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
