@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from filelock import FileLock
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -38,14 +39,18 @@ def build_mlflow_logger(
     run_dir = Path(run_dir).resolve()
     local = tracking_uri is None
     run_id_file = run_dir / RUN_ID_FILE
-    return MLFlowLogger(
-        experiment_name=experiment_name,
-        run_name=run_name or run_dir.name,
-        tracking_uri=local_tracking_uri(run_dir) if local else tracking_uri,
-        artifact_location=(run_dir / "mlartifacts").as_uri() if local else None,
-        run_id=run_id_file.read_text().strip() if run_id_file.is_file() else None,
-        log_model=False,
-    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # Every rank builds the logger, and building it opens the store: on a new SQLite file two
+    # ranks would both create its tables and one fails. The lock serialises the first opening.
+    with FileLock(run_dir / ".mlflow.lock"):
+        return MLFlowLogger(
+            experiment_name=experiment_name,
+            run_name=run_name or run_dir.name,
+            tracking_uri=local_tracking_uri(run_dir) if local else tracking_uri,
+            artifact_location=(run_dir / "mlartifacts").as_uri() if local else None,
+            run_id=run_id_file.read_text().strip() if run_id_file.is_file() else None,
+            log_model=False,
+        )
 
 
 def mlflow_logger(trainer: Trainer) -> MLFlowLogger | None:
