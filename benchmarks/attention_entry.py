@@ -2,18 +2,24 @@
 
 fm3d's encoder calls its attention entry point with q, k, v as token-major views
 [B, N, H, Dh] of one fused qkv tensor; the entry point resolves the backend and hands SDPA
-transposed views [B, H, N, Dh]. This script checks that the dispatch and the layout cost
-nothing against the kernel called bare on freshly made contiguous [B, H, N, Dh] tensors: time
-and peak memory, forward and forward + backward, N = 512 ... 8192 tokens, 12 heads of 64,
-batch 1, fp32. (The math path is benchmarks/attention.py's subject: its memory at N = 8192
-is what the ratio SDPA vs math of docs/performance.md uses.)
+transposed views [B, H, N, Dh]. Three ways, forward and forward + backward, N = 512, 2048
+and 8192 tokens, 12 heads of 64, batch 1, fp32:
+
+  entry point      `attention(q, k, v, backend="sdpa")` on the fused tensor's views;
+  bare SDPA        `F.scaled_dot_product_attention` on the same views, transposed by hand:
+                   the entry point's overhead (dispatch, layout) is the ratio of the two;
+  bare, separate   SDPA on three freshly made contiguous [B, H, N, Dh] tensors: the kernel's
+                   best case, which no fused-projection model gets (its backward must stack
+                   the three gradients into the fused tensor's gradient).
+
+The math path is benchmarks/attention.py's subject (SDPA vs math up to N = 8192).
 
 Each case runs in its own child process: it builds its inputs, records its RSS, and the
 parent reads the child's peak RSS from the kernel, so "peak extra" is the memory the case
 needed above its inputs (scores, outputs, gradients). Time is the median over rounds of the
-child's timed steps (after one warm-up step); rounds interleave entry point and bare kernel.
+child's timed steps (after one warm-up step); rounds interleave the three.
 
-    python benchmarks/attention_entry.py            # N up to 8192, 2 rounds (~15 min on 2 loaded cores)
+    python benchmarks/attention_entry.py            # N = 512, 2048, 8192; 2 rounds, ~15 min
     python benchmarks/attention_entry.py --quick    # N = 256, 512, one round
 """
 
@@ -30,25 +36,30 @@ from _common import BenchmarkError, machine_line, markdown_table, median, peak_r
 HEADS, HEAD_DIM = 12, 64
 
 
+IMPLS = ("entry", "bare", "bare_separate")
+
+
 def _step(impl: str, n: int, backward: bool):
     import torch
     import torch.nn.functional as F
 
     from fm3d.models.attention import attention
 
-    if impl == "entry":
+    if impl == "bare_separate":
+        leaves = [torch.randn(1, HEADS, n, HEAD_DIM, requires_grad=backward) for _ in range(3)]
+
+        def forward() -> torch.Tensor:
+            return F.scaled_dot_product_attention(*leaves)  # contiguous [B, H, N, Dh] each
+
+    else:
         qkv = torch.randn(1, n, 3, HEADS, HEAD_DIM, requires_grad=backward)  # the fused projection's output
         leaves = [qkv]
 
         def forward() -> torch.Tensor:
             q, k, v = qkv.unbind(2)  # [B, N, H, Dh] views, as in fm3d's Attention module
-            return attention(q, k, v, backend="sdpa")
-
-    else:
-        leaves = [torch.randn(1, HEADS, n, HEAD_DIM, requires_grad=backward) for _ in range(3)]
-
-        def forward() -> torch.Tensor:
-            return F.scaled_dot_product_attention(*leaves)  # contiguous [B, H, N, Dh]
+            if impl == "entry":
+                return attention(q, k, v, backend="sdpa")
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
 
     def step() -> None:
         out = forward()
@@ -91,12 +102,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_case(json.loads(args.case))))
         return 0
     rounds = args.rounds or (1 if args.quick else 2)
-    lengths = (256, 512) if args.quick else (512, 1024, 2048, 4096, 8192)
+    lengths = (256, 512) if args.quick else (512, 2048, 8192)
     keys = [(backward, n) for backward in (False, True) for n in lengths]
     results: dict[tuple, list[dict]] = {}
     for round_index in range(rounds):
         for backward, n in keys:
-            for impl in ("entry", "bare"):
+            for impl in IMPLS:
                 case = {
                     "impl": impl,
                     "n": n,
@@ -120,21 +131,19 @@ def main(argv: list[str] | None = None) -> int:
                 )
     rows = []
     for backward, n in keys:
-        got = {impl: results.get((backward, n, impl), []) for impl in ("entry", "bare")}
+        got = {impl: results.get((backward, n, impl), []) for impl in IMPLS}
         if not all(got.values()):
-            rows.append(("fwd+bwd" if backward else "fwd", n, "failed", "", "", "", "", ""))
+            rows.append(("fwd+bwd" if backward else "fwd", f"{n:,}", "failed", *[""] * 8))
             continue
-        t = {impl: median([r["seconds"] for r in runs]) for impl, runs in got.items()}
+        t = {impl: 1000 * median([r["seconds"] for r in runs]) for impl, runs in got.items()}
         m = {impl: median([r["extra_mib"] for r in runs]) for impl, runs in got.items()}
         rows.append(
             (
                 "fwd+bwd" if backward else "fwd",
                 f"{n:,}",
-                f"{1000 * t['entry']:.1f}",
-                f"{1000 * t['bare']:.1f}",
+                *(f"{t[impl]:.1f}" for impl in IMPLS),
                 f"{t['entry'] / t['bare']:.2f}",
-                f"{m['entry']:.0f}",
-                f"{m['bare']:.0f}",
+                *(f"{m[impl]:.0f}" for impl in IMPLS),
                 f"{m['entry'] / m['bare']:.2f}" if m["bare"] > 0 else "",
             )
         )
@@ -145,19 +154,23 @@ def main(argv: list[str] | None = None) -> int:
                 "tokens",
                 "entry point (ms)",
                 "bare SDPA (ms)",
-                "time ratio",
+                "bare SDPA, separate q/k/v (ms)",
+                "time entry / bare",
                 "entry peak extra (MiB)",
                 "bare peak extra (MiB)",
-                "memory ratio",
+                "bare separate peak extra (MiB)",
+                "memory entry / bare",
             ),
             rows,
-            (False, True, True, True, True, True, True, True),
+            (False, *[True] * 9),
         )
     )
     print(
         f"\n12 heads of 64, batch 1, fp32, {args.threads} torch threads, median of {rounds} interleaved "
         f"round(s); in each, the median of the steps timed for {args.seconds:g} s (at least one) after a "
-        "warm-up step. Peak extra = the child's peak RSS "
+        "warm-up step. Entry point and bare SDPA get the same q/k/v views of one fused [B, N, 3, H, Dh] "
+        "tensor; 'separate' gives SDPA three contiguous [B, H, N, Dh] leaves (no fused projection: its "
+        "backward skips stacking the three gradients into one). Peak extra = the child's peak RSS "
         "minus its RSS after building the inputs.\n\n" + machine_line()
     )
     return 0

@@ -109,4 +109,4 @@ def test_quick_encoder_step_and_attention_entry(tmp_path):
         ("fwd+bwd", "256"),
         ("fwd+bwd", "512"),
     ]
-    assert all(float(row[4]) > 0 and float(row[7]) > 0 for row in entry)
+    assert all(float(row[5]) > 0 and float(row[9]) > 0 for row in entry)
