@@ -122,8 +122,18 @@ class RetrievalTask(ClipEvalTask):
             loss, {"image_embedding": image, "text_embedding": text, "study_id": list(batch["study_id"])}
         )
 
-    def _end_epoch(self, stage: str) -> None:
-        super()._end_epoch(stage)
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        self._save_cache()
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        self._save_cache()
+
+    def on_predict_epoch_end(self) -> None:
+        self._save_cache()
+
+    def _save_cache(self) -> None:
         if self._cache is not None and self.global_rank == 0:
             self._cache.save()
 
