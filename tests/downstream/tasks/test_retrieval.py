@@ -155,3 +155,26 @@ def test_report_csv_tokenisation_and_text_retrieval_on_ct_rate(shared_data, tmp_
     eye = np.eye(len(ids), dtype=bool)
     assert metrics["f2i_mAP"] == pytest.approx(label_ranking_average_precision_score(eye, scores))
     assert metrics["i2f_R@10"] == pytest.approx(recall_by_ranking(scores.T, 10))
+
+
+def test_retrieval_reads_a_ct_rate_style_report_csv(
+    language_kit: SimpleNamespace, cli_kit: SimpleNamespace, tmp_path
+) -> None:
+    manifest = pl.read_parquet(language_kit.cohort / "manifest.parquet")
+    csv = tmp_path / "reports.csv"
+    manifest.select(
+        pl.concat_str(pl.col("study_id"), pl.lit(".nii.gz")).alias("VolumeName"),
+        pl.col("findings").alias("Findings_EN"),
+        pl.col("impression").alias("Impressions_EN"),
+    ).head(6).write_csv(csv)  # two studies without a report row: left out
+    args = cli_args(language_kit, cli_kit.conf, tmp_path / "run", tmp_path / "embeddings")
+    args += ["--data.reports", str(csv), "--data.id_column", "VolumeName"]
+    args += ["--data.report_columns", "[Findings_EN, Impressions_EN]"]
+    args += ["--data.fixed_splits", f"{{test: {language_kit.studies[:6]}}}"]
+    task = build_cli(["test", *args]).model
+    assert task.evaluation.metrics["gallery_size"] == 6
+    text = load_file(str(next((tmp_path / "embeddings").iterdir()) / "text.safetensors"))
+    clip = load_clip(language_kit.clip).eval()
+    ids = language_kit.studies[:6]
+    expected = embed_texts(clip, [language_kit.reports[s] for s in ids])  # findings + "\n" + impression
+    assert torch.allclose(torch.stack([text[s] for s in ids]), expected, atol=1e-5)
