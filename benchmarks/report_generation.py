@@ -10,7 +10,7 @@ so tokens/s = batch x new tokens / wall time (for beams: tokens of the returned 
 every beam). One warm-up call, then the median of the repeats. Prints a markdown table and
 writes it to docs/benchmarks/report_generation.md (--no-save to skip).
 
-    python benchmarks/report_generation.py [--new-tokens 64] [--repeats 3] [--quick]
+    python benchmarks/report_generation.py [--new-tokens 64] [--repeats 3] [--quick] [--no-save]
 """
 
 from __future__ import annotations
@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="tiny LMs only, 1 repeat")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny LMs only, 1 repeat, nothing saved (smoke run)"
+    )
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
     lms = LMS[::2] if args.quick else LMS
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         "median of the repeats after a warm-up.\n\n" + table + "\n\n" + _common.machine_line() + "\n"
     )
     print(text)
-    if not args.no_save:
+    if not (args.no_save or args.quick):
         OUT.write_text(text)
         print(f"wrote {OUT}", file=sys.stderr)
     return 0
