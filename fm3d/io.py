@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -60,9 +61,26 @@ def _load_strict(encoder: nn.Module, state: dict[str, torch.Tensor], source: Pat
         )
 
 
+def _unreadable(path: Path, error: Exception) -> EncoderLoadError:
+    return EncoderLoadError(
+        f"{path} could not be read: {error}. The file is truncated or corrupt (an interrupted download "
+        "or copy?), or not a PyTorch/safetensors file; download or save it again."
+    )
+
+
+def read_safetensors(path: Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file; a truncated or corrupt file is an EncoderLoadError naming it."""
+    try:
+        return load_file(path, device=str(map_location))
+    except SafetensorError as error:
+        raise _unreadable(path, error) from error
+
+
 def _torch_load(path: Path, trust_pickle: bool, map_location: str | torch.device) -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError) as error:  # torch's reader on a truncated or corrupt file
+        raise _unreadable(path, error) from error
     except pickle.UnpicklingError as error:
         if not trust_pickle:
             found = re.search(r"GLOBAL (\S+)", str(error))
@@ -76,12 +94,25 @@ def _torch_load(path: Path, trust_pickle: bool, map_location: str | torch.device
     return torch.load(path, map_location=map_location, weights_only=False)
 
 
-def _load_native(directory: Path, map_location: str | torch.device) -> nn.Module:
+def _fm3d_config(directory: Path) -> dict[str, Any] | None:
+    """The folder's config.json when it is fm3d's (it has a "family"); None for none or a foreign one."""
+    file = directory / CONFIG_FILE
+    if not file.is_file():
+        return None
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise EncoderLoadError(f"{file} is not valid JSON ({error}); re-export the encoder.") from error
+    # A Hugging Face model folder (M3D-CLIP) also has a config.json, with "model_type" instead.
+    return config if isinstance(config, dict) and "family" in config else None
+
+
+def _load_native(directory: Path, config: dict[str, Any], map_location: str | torch.device) -> nn.Module:
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise EncoderLoadError(f"{directory} has {CONFIG_FILE} but no {WEIGHTS_FILE}; re-export the encoder.")
-    encoder = encoder_from_config(json.loads((directory / CONFIG_FILE).read_text()))
-    _load_strict(encoder, load_file(weights, device=str(map_location)), weights)
+    encoder = encoder_from_config(config)
+    _load_strict(encoder, read_safetensors(weights, map_location), weights)
     return encoder
 
 
@@ -131,21 +162,24 @@ def load_encoder(
     """Load an encoder from an fm3d folder, an fm3d Lightning `.ckpt`, or a peer's published weights.
 
     format: "auto" (detect), "fm3d" (export folder), "lightning" (fm3d `.ckpt`), or a peer
-    format that `fm3d.models.adapters` knows (e.g. "monai_vit", "voco").
+    format that `fm3d.models.adapters` knows ("monai_vit", "m3d_clip", "voco", "merlin").
     """
     path = Path(path)
     if not path.exists():
         raise EncoderLoadError(f"{path} does not exist.")
     if path.is_dir():
-        if format in ("auto", "fm3d") and (path / CONFIG_FILE).is_file():
-            return _load_native(path, map_location)
+        config = _fm3d_config(path)
+        if format in ("auto", "fm3d") and config is not None:
+            return _load_native(path, config, map_location)
         if format == "fm3d":
-            raise EncoderLoadError(f"{path} has no {CONFIG_FILE}; it is not an fm3d encoder folder.")
+            raise EncoderLoadError(
+                f"{path} has no fm3d {CONFIG_FILE} (one with a 'family' key); it is not an fm3d export."
+            )
         return _load_peer(path, format, None)
     if format == "fm3d":
         raise EncoderLoadError(f"{path} is a file; format='fm3d' expects an export folder.")
     if path.suffix == ".safetensors":
-        content: Any = load_file(path, device=str(map_location))
+        content: Any = read_safetensors(path, map_location)
     else:
         content = _torch_load(path, trust_pickle, map_location)
     is_fm3d_ckpt = isinstance(content, dict) and CKPT_CONFIG_KEY in content

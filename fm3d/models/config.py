@@ -37,6 +37,9 @@ class EncoderConfig:
     # Indices of the hidden states `forward` returns when called without `hidden_layers`.
     hidden_layers: tuple[int, ...] = ()
     grad_checkpointing: bool = False
+    # Where the weights came from and the input they expect, beyond spacing and HU window
+    # (peer format, file, axis order, intensity scaling); filled by fm3d.models.adapters.
+    source: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # JSON turns tuples into lists; normalise so configs compare equal after a round trip.
@@ -44,6 +47,8 @@ class EncoderConfig:
             value = getattr(self, f.name)
             if isinstance(value, list):
                 setattr(self, f.name, tuple(value))
+        # A copy, so configs made from one registered base never share (and mutate) one dict.
+        self.source = dict(self.source)
         self.target_spacing_mm = tuple(float(s) for s in self.target_spacing_mm)
         self.hu_window = tuple(float(h) for h in self.hu_window)
         if len(self.target_spacing_mm) != 3 or len(self.hu_window) != 2:

@@ -123,6 +123,9 @@ def _sized(name: str, feature_size: int) -> None:
     factory.__doc__ = f"{name}: SwinUNETR-v2 encoder with feature_size {feature_size}."
 
 
-# base is VoCo's "B" (feature_size 48); tiny (12) is for tests and demos.
+# base, large and huge are VoCo's "B", "L" and "H" (feature_size 48, 96, 192); tiny (12) is for
+# tests and demos.
 _sized("swin3d_tiny", 12)
 _sized("swin3d_base", 48)
+_sized("swin3d_large", 96)
+_sized("swin3d_huge", 192)

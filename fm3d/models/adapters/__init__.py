@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
+from fm3d.io import read_safetensors
 from fm3d.models.adapters import m3d_clip, merlin, monai_vit, voco_swin
 from fm3d.models.adapters.matching import (
     KeyMatchReport,
@@ -75,7 +75,7 @@ def _read_folder(path: Path) -> dict[str, torch.Tensor]:
         )
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        state.update(load_file(file))
+        state.update(read_safetensors(file))
     return state
 
 
@@ -114,7 +114,7 @@ def load_peer_encoder(
         if path.is_dir():
             state_dict = _read_folder(path)
         elif path.suffix == ".safetensors":
-            state_dict = load_file(path)
+            state_dict = read_safetensors(path)
         else:
             raise PeerWeightsError(
                 f"{path}: pass the loaded checkpoint as state_dict= (torch.load(path, weights_only=True)), "

@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 
 from fm3d.models.adapters.matching import PeerConversion, PeerWeightsError, find_prefix, split_prefix
-from fm3d.models.registry import list_encoders
 
 FORMAT = "voco"
 ANCHOR = "patch_embed.proj.weight"
@@ -117,10 +116,9 @@ def convert(state: Mapping[str, torch.Tensor], path: Path) -> PeerConversion:
         "spacing_mm": "1.5 isotropic (VoCo's Spacingd)",
         "input_size": "any multiple of 32 per axis (x, y, z); VoCo fine-tunes on 96 x 96 x 96",
     }
-    name = _NAMES.get(feature_size, "swin3d_base")
     return PeerConversion(
         format=FORMAT,
-        encoder_name=name if name in list_encoders() else "swin3d_base",
+        encoder_name=_NAMES.get(feature_size, "swin3d_base"),
         config=config,
         weights=weights,
         unmapped=[],

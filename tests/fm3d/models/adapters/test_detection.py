@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import fm3d
+from fm3d.io import EncoderLoadError
 from fm3d.models.adapters import PEER_FORMATS, PeerWeightsError, detect_format, load_peer_encoder
 
 
@@ -66,3 +68,13 @@ def test_files_without_a_state_dict_say_what_they_hold(tmp_path):
 def test_folder_without_weights_is_explained(tmp_path):
     with pytest.raises(PeerWeightsError, match=r"without \*\.safetensors"):
         fm3d.load_encoder(tmp_path)
+
+
+def test_truncated_safetensors_file_is_named(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_file({"vit.patch_embedding.position_embeddings": torch.randn(1, 8, 64)}, path)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(EncoderLoadError, match=r"model\.safetensors could not be read"):
+        fm3d.load_encoder(path)
+    with pytest.raises(EncoderLoadError, match=r"model\.safetensors could not be read"):
+        fm3d.load_encoder(tmp_path)  # the folder's weights are read the same way

@@ -8,6 +8,8 @@ placeholders and the head, which are dropped here to give M3D's exact layout.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from monai.networks.nets import ViT
@@ -79,6 +81,18 @@ def test_m3d_clip_folder_loads_the_vision_encoder(tmp_path):
     assert (config.qkv_bias, config.cls_token) == (False, True)
     assert config.source["format"] == "m3d_clip"
     assert encoder.peer_weights_report.ignored == len(_clip_extras(128))
+
+
+def test_hugging_face_folder_with_its_own_config_json_is_not_taken_for_an_fm3d_export(tmp_path):
+    net = _m3d_tower()
+    folder = tmp_path / "M3D-CLIP"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "m3d_clip", "img_size": list(IMG_SIZE)}))
+    save_file(_m3d_layout(net, "vision_encoder."), folder / "model.safetensors")
+
+    encoder = fm3d.load_encoder(folder).eval()
+
+    _check_matches(encoder, net)
 
 
 @pytest.mark.parametrize("prefix", ["", "model.vision_tower.vision_tower."])

@@ -10,7 +10,8 @@ from monai.networks.nets import SwinUNETR
 
 import fm3d
 from fm3d.io import EncoderLoadError, UnsafeCheckpointError
-from fm3d.models.adapters import PeerWeightsError
+from fm3d.models.adapters import PeerWeightsError, check_conversion, convert_peer_weights
+from fm3d.models.registry import create_encoder
 
 ATOL = 1e-5
 
@@ -168,3 +169,17 @@ def test_byte_truncated_file_names_the_file(tmp_path):
 
     with pytest.raises(EncoderLoadError, match=r"voco\.pt"):
         fm3d.load_encoder(path)
+
+
+def test_full_size_voco_b_key_set_covers_swin3d_base():
+    # VoCo-B as published: SwinUNETR-v2, feature_size 48, depths 2-2-2-2, heads 3-6-12-24, window 7.
+    # (MONAI's SwinUNETR cannot be built on the meta device, so this one allocates ~60M parameters.)
+    state = SwinUNETR(in_channels=1, out_channels=21, feature_size=48, use_v2=True).state_dict()
+    conversion = convert_peer_weights({"state_dict": state}, "VoComni_B.pt")
+    encoder = create_encoder(conversion.encoder_name, **conversion.config)
+    report = check_conversion(encoder, conversion, "VoComni_B.pt")
+
+    assert conversion.encoder_name == "swin3d_base"
+    assert conversion.config["window_size"] == 7 and conversion.config["num_heads"] == (3, 6, 12, 24)
+    assert conversion.config["depths"] == (2, 2, 2, 2)
+    assert report.complete and report.matched == len(encoder.state_dict())
