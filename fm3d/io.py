@@ -29,6 +29,9 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CKPT_CONFIG_KEY = "fm3d_encoder_config"
 CKPT_PREFIX = "encoder."
+# Written by fine-tuning runs whose encoder carries adapters (LoRA): the encoder's weights with
+# the adapters merged, under its own parameter names, so loading needs no peft.
+CKPT_MERGED_KEY = "fm3d_encoder_state_dict"
 
 
 class EncoderLoadError(RuntimeError):
@@ -123,6 +126,9 @@ def _load_lightning(checkpoint: dict[str, Any], path: Path) -> nn.Module:
             "pass format=... for a peer's weights."
         )
     encoder = encoder_from_config(checkpoint[CKPT_CONFIG_KEY])
+    if CKPT_MERGED_KEY in checkpoint:
+        _load_strict(encoder, checkpoint[CKPT_MERGED_KEY], path)
+        return encoder
     state = {
         key[len(CKPT_PREFIX) :]: value
         for key, value in checkpoint["state_dict"].items()

@@ -101,6 +101,25 @@ def test_lightning_checkpoint_from_a_real_trainer(tmp_path):
         assert torch.equal(loaded(x).pooled, module.encoder(x).pooled)
 
 
+def test_merged_encoder_weights_win_over_adapter_keys(tmp_path):
+    """A LoRA run's checkpoint: `state_dict` has adapter names, the merged plain weights are loaded."""
+    encoder = fm3d.create_encoder("vit3d_tiny")
+    adapter_state = {
+        f"encoder.{name.replace('.weight', '.base_layer.weight')}": torch.zeros_like(value)
+        for name, value in encoder.state_dict().items()
+    }
+    checkpoint = {
+        "state_dict": adapter_state,
+        "fm3d_encoder_config": encoder.config.to_dict(),
+        "fm3d_encoder_state_dict": encoder.state_dict(),
+    }
+    path = tmp_path / "lora.ckpt"
+    torch.save(checkpoint, path)
+    loaded = fm3d.load_encoder(path)
+    for name, value in encoder.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value)
+
+
 def test_mismatched_weights_are_named(tmp_path):
     folder = fm3d.save_encoder(fm3d.create_encoder("vit3d_tiny", depth=2), tmp_path / "enc")
     config = json.loads((folder / "config.json").read_text())
