@@ -28,7 +28,11 @@ from downstream.base import EncoderSpecError
 from downstream.data import TaskDataError
 from downstream.registry import TaskRegistryError, get_task, list_tasks
 from downstream.strategies import StrategyError
+from downstream.tasks.causal_lm import LanguageModelError
+from downstream.tasks.clip_task import LanguageTaskError
 from downstream.tasks.decoders import DecoderConfigError
+from downstream.tasks.projector import ProjectorConfigError
+from downstream.tasks.prompts import PromptSetError
 from fm3d.data.errors import CacheError
 
 MLFLOW_DB = "mlflow.db"
@@ -49,6 +53,10 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     EncoderSpecError,
     StrategyError,
     DecoderConfigError,
+    LanguageTaskError,
+    PromptSetError,
+    LanguageModelError,
+    ProjectorConfigError,
 )
 
 
