@@ -185,8 +185,15 @@ class PretrainCLI(LightningCLI):
         trainer_config = self._get(self.config_init, "trainer", default={})
         callbacks = list(trainer_config.get("callbacks") or [])
         if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
-            # Only last.ckpt: pretraining has no validation score to keep the "best" by.
-            checkpoints = ModelCheckpoint(dirpath=self.run_dir / "checkpoints", save_last=True, save_top_k=0)
+            # One file, checkpoints/last.ckpt, rewritten (atomically) at every epoch end:
+            # pretraining has no validation score to keep a "best" by. (save_last=True with
+            # save_top_k=0 would write last.ckpt only at the end of fit.)
+            checkpoints = ModelCheckpoint(
+                dirpath=self.run_dir / "checkpoints",
+                filename="last",
+                save_top_k=1,
+                enable_version_counter=False,
+            )
             callbacks.append(checkpoints)
         callbacks += [ExportEncoder(), TrainingPlots(), LearningRateMonitor(logging_interval="step")]
         kwargs["callbacks"] = callbacks

@@ -112,7 +112,7 @@ def test_usr1_saves_requeues_and_the_job_resumes_to_the_end(
     hpc = run_dir / "hpc_ckpt_1.ckpt"
     assert f"Restored all states from the checkpoint at runs/test/slurm-{job}/hpc_ckpt_1.ckpt" in log
     preempted_at = torch.load(hpc, weights_only=True)["global_step"]
-    assert 3 <= preempted_at < max_steps
+    assert 1 <= preempted_at < max_steps
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == max_steps
     # Two tasks, one world: both ranks reported, one export.
     assert log.count("SLURM auto-requeueing enabled") == 4  # 2 ranks x 2 attempts
