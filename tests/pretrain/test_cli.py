@@ -59,7 +59,8 @@ def test_resolved_config_is_saved(finished_run: Path) -> None:
 
     saved = yaml.safe_load((finished_run / "config.yaml").read_text())
     assert saved["trainer"]["default_root_dir"] == str(finished_run)
-    assert saved["model"]["objectives"]["voco"]["class_path"] == "pretrain.objectives.voco.VoCoObjective"
+    assert saved["model"]["objectives"]["voco"]["class_path"].startswith("pretrain.objectives.")
+    assert saved["model"]["objectives"]["voco"]["class_path"].endswith(".VoCoObjective")
 
 
 def test_ckpt_path_last_resumes_the_newest_run(finished_run: Path, demo_cohort, run_config, tmp_path) -> None:
