@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fm3d-installed
-DEMO_DIR ?= runs/demo
 
 .PHONY: setup demo test lint
 
@@ -18,9 +17,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
+# The demo cohort, EHR labels, prepared cache and a tiny encoder pretrained with all four
+# objectives on CPU; prints the run folder, the MLflow store and the final metrics.
 demo: setup
-	$(BIN)/fm3d info
-	$(BIN)/python -c "import torch, fm3d; enc = fm3d.create_encoder('vit3d_tiny'); out = enc(torch.randn(1, 1, 64, 64, 64)); print('vit3d_tiny tokens', tuple(out.tokens.shape), 'pooled', tuple(out.pooled.shape))"
+	FM3D=$(BIN)/fm3d PYTHON=$(BIN)/python bash scripts/demo.sh $(DEMO_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
