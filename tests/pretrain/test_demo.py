@@ -1,0 +1,130 @@
+"""The demo learns: after a short CPU run of conf/pretrain/demo.yaml, held-out studies are retrieved
+from their reports well above chance and time-to-event risk ranks with a C-index above 0.6.
+
+The chain is the demo's (demo-data -> ehr labels -> prepare -> text model -> pretrain fit with
+demo.yaml), on a 64-study cohort in a temporary folder, with 40% of patients held out
+(validation split) so retrieval among them is a meaningful task. Image->report recall@5 is
+recomputed from the exported encoder and CLIP folders with fm3d.metrics.retrieval and must
+match what the run logged to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+
+import fm3d
+from fm3d.cli import main as fm3d_main
+from fm3d.clip import load_clip
+from fm3d.data.datamodule import CTDataModule
+from fm3d.metrics.retrieval import recall_at_k
+from fm3d.text import init_text_model
+from pretrain.tracking import local_tracking_uri
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="12 CPU epochs of demo.yaml do not learn retrieval or risk yet: the from-scratch vit3d_tiny's "
+    "pooled embeddings barely differ between studies (std 0.007 vs magnitude 0.8), CLIP stays at log(batch)",
+)
+def test_demo_run_retrieves_held_out_reports_and_ranks_risk(tmp_path: Path) -> None:
+    demo = tmp_path / "demo"
+    assert fm3d_main(["demo-data", "--out", str(demo), "--studies", "64", "--seed", "0", "--quiet"]) == 0
+    assert (
+        fm3d_main(
+            [
+                "ehr",
+                "labels",
+                "--meds",
+                str(demo / "meds"),
+                "--studies",
+                str(demo / "manifest.parquet"),
+                "--phenotypes",
+                str(demo / "phenotypes.yaml"),
+                "--tasks-k",
+                "8",
+                "--out",
+                str(demo / "ehr_labels.parquet"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        fm3d_main(
+            [
+                "prepare",
+                "--manifest",
+                str(demo / "manifest.parquet"),
+                "--out",
+                str(demo / "cache"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    manifest = pl.read_parquet(demo / "manifest.parquet")
+    texts = [
+        f"{f or ''}\n{i or ''}" for f, i in zip(manifest["findings"], manifest["impression"], strict=True)
+    ]
+    init_text_model(
+        demo / "text_model", texts, vocab_size=500, hidden_size=64, num_layers=2, num_heads=2, max_length=128
+    )
+
+    # demo.yaml itself, with the cohort's paths.
+    config = yaml.safe_load((REPO / "conf" / "pretrain" / "demo.yaml").read_text())
+    config["model"]["objectives"]["clip"]["init_args"]["text_model"] = str(demo / "text_model")
+    config["data"].update(
+        cache_dir=str(demo / "cache"),
+        labels=str(demo / "ehr_labels.parquet"),
+        split_fractions=[0.6, 0.4, 0.0],
+    )
+    config["trainer"]["enable_progress_bar"] = False
+    (tmp_path / "demo.yaml").write_text(json.dumps(config))
+    run_dir = tmp_path / "run"
+    assert (
+        fm3d_main(
+            [
+                "pretrain",
+                "fit",
+                "--config",
+                str(tmp_path / "demo.yaml"),
+                "--trainer.default_root_dir",
+                str(run_dir),
+            ]
+        )
+        == 0
+    )
+
+    client = MlflowClient(tracking_uri=local_tracking_uri(run_dir))
+    (run,) = client.search_runs([client.get_experiment_by_name("demo").experiment_id])
+    logged = run.data.metrics
+
+    # Recompute image->report R@5 on the held-out studies from the exported folders.
+    data = CTDataModule(**{**config["data"], "augment": False})
+    data.setup("validate")
+    encoder = fm3d.load_encoder(run_dir / "export" / "encoder").eval()
+    clip = load_clip(run_dir / "export" / "clip").eval()
+    images, reports = [], []
+    with torch.no_grad():
+        for batch in data.val_dataloader():
+            keep = batch["has_report"]
+            images.append(clip.encode_image(encoder(batch["image"]).pooled)[keep])
+            reports.append(clip.encode_text([r for r, k in zip(batch["report"], keep, strict=True) if k]))
+    images, reports = torch.cat(images), torch.cat(reports)
+    held_out = images.shape[0]
+    recall5 = recall_at_k(images @ reports.T, ks=(5,))[5]
+    chance = 5 / held_out
+    assert held_out >= 15
+    assert recall5 == pytest.approx(logged["val/clip/i2t_R5"], abs=1e-4)
+    assert recall5 >= 2 * chance, f"R@5 {recall5:.3f} on {held_out} held-out studies, chance {chance:.3f}"
+    assert logged["val/tte/c_index"] > 0.6
