@@ -12,10 +12,12 @@ between steps as `zero_grad(set_to_none=True)` does. Candidates:
 
 Each candidate runs in its own child process with `--threads` torch threads (default 2):
 build, `--warmup` untimed steps (the first pays page faults and allocator growth), then
-`--steps` timed ones. The parent reads the child's peak RSS from the kernel. Rounds
-interleave the candidates with a fresh matmul-limit measurement (fp32 4096^2 `torch.mm`,
-same threads), and the table gives medians over rounds, so a busy neighbour slows the
-candidates and the limit alike and the ratios hold.
+`--steps` timed ones. The parent reads the child's peak RSS from the kernel. The child also
+measures the matmul limit (fp32 4096^2 `torch.mm`, same threads) right before building and
+right after its timed steps, and its MFU divides by the mean of the two: on a shared machine
+the load changes within a minute, so a limit taken in another process or another minute can
+be off by 2x (a limit measured in a separate child before the round once gave an MFU above
+100 %). Rounds interleave the candidates; the table gives medians over rounds.
 
 Model FLOPs per training step, counted from the config (multiply-add = 2 FLOPs; backward =
 2x forward for every matmul whose input needs a gradient; elementwise work not counted;
@@ -26,7 +28,7 @@ recomputation under checkpointing not counted, i.e. model FLOPs, not hardware FL
     patch embed  2 * 2 * P * (in_chans * p^3) * C   (forward + weight gradient; the image needs none)
 
 With L=12, C=768, mlp_ratio=4, N=1961, P=1960, p=16: 1.425 TFLOP for the blocks + 0.025 for
-the patch embedding. MFU = model FLOPs / step time / matmul limit.
+the patch embedding. MFU = model FLOPs / step time / matmul limit of the same process.
 
     python benchmarks/encoder_step.py              # 2 rounds, ~25 min on 2 loaded cores
     python benchmarks/encoder_step.py --quick      # 2 blocks at 32x64x64, a smoke run
@@ -44,11 +46,11 @@ from _common import (
     BenchmarkError,
     machine_line,
     markdown_table,
+    matmul_gflops,
     median,
     peak_rss_self_mib,
     run_child,
 )
-from matmul_limit import measure_in_child as matmul_limit_in_child
 
 FULL = {"img_size": (160, 224, 224), "depth": 12, "embed_dim": 768, "heads": 12}
 # The smoke run keeps every code path but shrinks the work to seconds: ViT-Tiny width, 2 blocks.
@@ -109,11 +111,13 @@ def _build(impl: str, ckpt: bool, img_size: tuple[int, int, int], depth: int, em
 
 
 def run_case(case: dict) -> dict:
-    """One candidate in this process: build, warm up, time `steps` training steps."""
+    """One candidate in this process: limit, build, warm up, time `steps` training steps, limit again."""
     import torch
 
     torch.set_num_threads(case["threads"])
     torch.manual_seed(0)
+    # Before the build, so the matmul's buffers stay below the step's peak RSS.
+    limit_before = median(matmul_gflops(case["limit_n"], seconds=case["limit_seconds"]))
     started = time.perf_counter()
     model, loss_of = _build(
         case["impl"], case["ckpt"], tuple(case["img_size"]), case["depth"], case["embed_dim"], case["heads"]
@@ -131,7 +135,9 @@ def run_case(case: dict) -> dict:
 
     warm = [step() for _ in range(case["warmup"])]
     times = [step() for _ in range(case["steps"])]
+    limit_after = median(matmul_gflops(case["limit_n"], seconds=case["limit_seconds"]))
     return {
+        "limit_gflops": [limit_before, limit_after],
         "build_seconds": build_seconds,
         "baseline_rss_mib": baseline,
         "warmup_seconds": warm,
@@ -144,7 +150,7 @@ def _fmt_mib(value: float) -> str:
 
 
 def run(args: argparse.Namespace) -> str:
-    """All rounds, candidates interleaved with the matmul limit; returns the markdown table and notes."""
+    """All rounds, candidates interleaved; returns the markdown table and notes."""
     sizes = QUICK if args.quick else FULL
     img_size, depth, embed_dim = sizes["img_size"], sizes["depth"], sizes["embed_dim"]
     grid = tuple(s // PATCH for s in img_size)
@@ -154,22 +160,16 @@ def run(args: argparse.Namespace) -> str:
         patches=patches, patch_voxels=PATCH**3, in_chans=1,
     )  # fmt: skip
     chosen = args.candidates or list(CANDIDATES)
-    limits: list[float] = []
+    limit_n, limit_seconds = (1024, 0.5) if args.quick else (4096, 3.0)
     results: dict[str, list[dict]] = {name: [] for name in chosen}
     errors: dict[str, str] = {}
     for round_index in range(args.rounds):
-        limit = matmul_limit_in_child(args.threads, seconds=1.0 if args.quick else 3.0)
-        limits.append(limit["median_gflops"])
-        print(
-            f"encoder_step round {round_index + 1}: limit {limits[-1]:.1f} GFLOP/s",
-            file=sys.stderr,
-            flush=True,
-        )
         for name in chosen:
             spec = CANDIDATES[name]
             impl = "monai_flash" if name == "MONAI flash" else spec["impl"]
-            case = {"impl": impl, "ckpt": spec["ckpt"], **sizes,
-                    "threads": args.threads, "warmup": args.warmup, "steps": args.steps}  # fmt: skip
+            case = {"impl": impl, "ckpt": spec["ckpt"], **sizes, "threads": args.threads,
+                    "warmup": args.warmup, "steps": args.steps, "limit_n": limit_n,
+                    "limit_seconds": limit_seconds}  # fmt: skip
             try:
                 child = run_child([__file__, "--case", json.dumps(case)], timeout=args.timeout)
             except BenchmarkError as error:
@@ -177,9 +177,9 @@ def run(args: argparse.Namespace) -> str:
                 print(f"encoder_step {name}: failed: {error}", file=sys.stderr, flush=True)
                 continue
             results[name].append({**child.report, "peak_rss_mib": child.peak_rss_mib})
-            print(f"encoder_step round {round_index + 1} {name}: {child.report['seconds']} s/step, "
-                  f"peak RSS {child.peak_rss_mib:.0f} MiB", file=sys.stderr, flush=True)  # fmt: skip
-    limit = median(limits)
+            print(f"encoder_step round {round_index + 1} {name}: {child.report['seconds']} s/step, limit "
+                  f"{child.report['limit_gflops']} GFLOP/s, peak RSS {child.peak_rss_mib:.0f} MiB",
+                  file=sys.stderr, flush=True)  # fmt: skip
     ref = results.get("MONAI") or []
     ref_seconds = median([median(r["seconds"]) for r in ref])
     ref_rss = median([r["peak_rss_mib"] for r in ref])
@@ -188,10 +188,11 @@ def run(args: argparse.Namespace) -> str:
         runs = results[name]
         if not runs:
             rows.append(
-                (name, CANDIDATES[name]["attention"], "", f"failed: {errors.get(name, '?')}", *[""] * 7)
+                (name, CANDIDATES[name]["attention"], "", f"failed: {errors.get(name, '?')}", *[""] * 8)
             )
             continue
         seconds = median([median(r["seconds"]) for r in runs])
+        mfu = median([flops / median(r["seconds"]) / 1e9 / (sum(r["limit_gflops"]) / 2) for r in runs])
         rss = median([r["peak_rss_mib"] for r in runs])
         above = median([r["peak_rss_mib"] - r["baseline_rss_mib"] for r in runs])
         gflops = flops / seconds / 1e9
@@ -203,7 +204,8 @@ def run(args: argparse.Namespace) -> str:
                 f"{seconds:.2f}",
                 ", ".join(f"{median(r['seconds']):.1f}" for r in runs),
                 f"{gflops:.1f}",
-                f"{100 * gflops / limit:.0f} %",
+                f"{100 * mfu:.0f} %",
+                ", ".join(f"{sum(r['limit_gflops']) / 2:.0f}" for r in runs),
                 _fmt_mib(rss),
                 _fmt_mib(above),
                 f"{ref_seconds / seconds:.2f}x" if ref else "",
@@ -212,18 +214,19 @@ def run(args: argparse.Namespace) -> str:
         )
     table = markdown_table(
         ("candidate", "attention", "checkpointing", "s/step (median)", "per round", "GFLOP/s",
-         "MFU (of matmul limit)", "peak RSS (MiB)", "peak above built model (MiB)", "speed vs MONAI",
-         "peak RSS vs MONAI"),
+         "MFU (of its limit)", "limit per round (GFLOP/s)", "peak RSS (MiB)", "peak above built model (MiB)",
+         "speed vs MONAI", "peak RSS vs MONAI"),
         rows,
-        (False, False, False, True, True, True, True, True, True, True, True),
+        (False, False, False, True, True, True, True, True, True, True, True, True),
     )  # fmt: skip
     notes = (
         f"Input [1, 1, {', '.join(map(str, img_size))}], patch {PATCH}, {patches:,} patch tokens, "
         f"hidden {embed_dim}, {depth} blocks, fp32, {args.threads} torch threads, forward + backward, "
         f"{args.warmup} warm-up + {args.steps} timed step(s) per process, {args.rounds} round(s). "
         f"Model FLOPs per step {flops / 1e12:.4f} TFLOP (formula in benchmarks/encoder_step.py). "
-        f"Matmul limit (fp32 4096² torch.mm, {args.threads} threads, median per round): "
-        f"{', '.join(f'{v:.1f}' for v in limits)} GFLOP/s, median {limit:.1f}.\n\n"
+        f"MFU = model FLOPs / step time / the matmul limit (fp32 {limit_n}² torch.mm, {args.threads} "
+        "threads) measured in the same process before and after its steps (mean of the two), median over "
+        "rounds; GFLOP/s uses the median step time.\n\n"
         f"{machine_line()}"
     )
     return f"{table}\n\n{notes}"

@@ -52,10 +52,12 @@ def test_flop_formula_equals_torch_flop_counter_on_a_real_step(encoder_step):
 @pytest.mark.parametrize("impl", ["fm3d", "monai", "monai_flash"])
 def test_each_candidate_runs_a_step_in_process(encoder_step, impl):
     case = {"impl": impl, "ckpt": impl == "fm3d", "img_size": (16, 32, 32), "depth": 1, "embed_dim": 48,
-            "heads": 2, "threads": 1, "warmup": 1, "steps": 2}  # fmt: skip
+            "heads": 2, "threads": 1, "warmup": 1, "steps": 2,
+            "limit_n": 64, "limit_seconds": 0.01}  # fmt: skip
     report = encoder_step.run_case(case)
     assert len(report["warmup_seconds"]) == 1 and len(report["seconds"]) == 2
     assert report["baseline_rss_mib"] > 0
+    assert len(report["limit_gflops"]) == 2 and min(report["limit_gflops"]) > 0
 
 
 def test_monai_flash_candidate_really_uses_sdpa(encoder_step):

@@ -100,8 +100,8 @@ def test_quick_encoder_step_and_attention_entry(tmp_path):
     steps = _table_rows(text, "| candidate |")
     assert [row[0] for row in steps] == ["fm3d", "fm3d + ckpt", "MONAI", "MONAI flash"]
     for row in steps:
-        assert float(row[3]) > 0 and row[6].endswith("%") and float(row[7].replace(",", "")) > 0
-    assert steps[2][9] == "1.00x" and steps[2][10] == "1.00x"  # MONAI is the reference of the ratios
+        assert float(row[3]) > 0 and row[6].endswith("%") and float(row[8].replace(",", "")) > 0
+    assert steps[2][10] == "1.00x" and steps[2][11] == "1.00x"  # MONAI is the reference of the ratios
     entry = _table_rows(text, "| pass |")
     assert [(row[0], row[1]) for row in entry] == [
         ("fwd", "256"),
