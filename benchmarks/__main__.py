@@ -98,7 +98,13 @@ def _machine_table() -> str:
     sys.path.insert(0, str(HERE))  # the scripts' helpers, importable as they are when run as scripts
     from _common import machine, markdown_table
 
-    return markdown_table(("machine", ""), list(machine().items()))
+    rows = list(machine().items())
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False
+    )
+    if commit.returncode == 0:  # the code the figures belong to, when run from a checkout
+        rows.append(("commit", commit.stdout.strip()))
+    return markdown_table(("machine", ""), rows)
 
 
 def render(runs: list[ScriptRun], argv: list[str], machine_table: str, started: datetime.datetime) -> str:
