@@ -10,26 +10,25 @@ Every constructor argument is a plain typed value so LightningCLI fills it from 
 be linked to them (`parser.link_arguments("data.num_phenotypes", "model.num_phenotypes",
 apply_on="instantiate")`).
 
-Randomness: the train loader shuffles with a generator seeded from `seed`, and each worker
-restarts its dataset's random stream from (seed, rank, worker seed), so a run with the same
-seed, world size and `num_workers` draws the same samples. The module's `state_dict` (saved
-in Lightning checkpoints) holds the shuffle generator and, with `num_workers=0`, the dataset's
-stream, so a run resumed from an epoch-end checkpoint draws what an uninterrupted run would.
-With workers, their seeds come from the restored generator, which reproduces the stream too
-unless `persistent_workers` kept the workers' streams running across epochs. Mid-epoch
-resumption is not reproduced.
+Randomness: every training draw is a function of (seed, epoch, position). The train loader
+uses `EpochSampler`, a `DistributedSampler` (so Lightning keeps it under DDP and calls its
+`set_epoch` every epoch) that shuffles by (seed, epoch) and passes the epoch inside each index;
+the dataset seeds each sample from it. A run therefore draws the same samples whatever its
+`num_workers`, and a run resumed from an epoch-end checkpoint draws what an uninterrupted run
+would, with no sampling state to save. Mid-epoch resumption restarts the epoch's permutation.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
 
 import lightning as L
 import polars as pl
 import torch
-from torch.utils.data import DataLoader, get_worker_info
+from torch.utils.data import DataLoader, DistributedSampler
 
 from fm3d.data.augment import AugmentConfig
 from fm3d.data.cache import PreparedCache
@@ -48,11 +47,17 @@ from fm3d.data.split import split_studies
 logger = logging.getLogger(__name__)
 
 
-def seed_worker(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: restart the worker's dataset stream from (rank, worker seed)."""
-    info = get_worker_info()
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    info.dataset.reseed(rank, info.seed % 2**32)
+class EpochSampler(DistributedSampler):
+    """`DistributedSampler` whose indices carry the epoch: `epoch * len(dataset) + position`.
+
+    Shuffling by (seed, epoch) is DistributedSampler's own; passing the epoch along lets the
+    dataset seed each sample by (seed, epoch, position) even inside persistent workers, which
+    never see `set_epoch`.
+    """
+
+    def __iter__(self) -> Iterator[int]:
+        offset = self.epoch * len(self.dataset)
+        return (offset + position for position in super().__iter__())
 
 
 class CTDataModule(L.LightningDataModule):
@@ -122,10 +127,6 @@ class CTDataModule(L.LightningDataModule):
         self.split_fractions, self.seed = tuple(split_fractions), seed
         self.persistent_workers, self.pin_memory = persistent_workers, pin_memory
         self.datasets: dict[str, CTDataset] = {}
-        # One generator for the module's lifetime: a re-created loader continues the stream
-        # instead of replaying the first epoch's shuffle and worker seeds.
-        self._generator = torch.Generator().manual_seed(seed)
-        self._restored_rng_state: dict | None = None
 
     # What the model needs to know about the data, before setup (for LightningCLI links).
     @cached_property
@@ -173,8 +174,6 @@ class CTDataModule(L.LightningDataModule):
             self.datasets[split] = CTDataset(
                 cache, ids, self.spec, reports, self.label_table, train=split == "train", seed=self.seed
             )
-        if self._restored_rng_state is not None:
-            self.datasets["train"].set_rng_state(self._restored_rng_state)
         self.datasets["predict"] = CTDataset(
             cache, None, self.spec, reports, self.label_table, train=False, seed=self.seed
         )
@@ -183,32 +182,26 @@ class CTDataModule(L.LightningDataModule):
             ", ".join(f"{name} {len(ds)}" for name, ds in self.datasets.items()),
         )
 
-    def state_dict(self) -> dict:
-        """Sampling state for exact resumption; values load with `torch.load(weights_only=True)`."""
-        train = self.datasets.get("train")
-        return {
-            "generator": self._generator.get_state(),
-            "dataset_rng": None if train is None else train.rng_state(),
-        }
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Continue sampling from a checkpoint's state (Lightning calls this after `setup`)."""
-        self._generator.set_state(state_dict["generator"])
-        self._restored_rng_state = state_dict.get("dataset_rng")
-        if self._restored_rng_state is not None and "train" in self.datasets:
-            self.datasets["train"].set_rng_state(self._restored_rng_state)
-
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        dataset = self.datasets[split]
+        sampler = None
+        if shuffle:
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            sampler = EpochSampler(
+                dataset,
+                num_replicas=torch.distributed.get_world_size() if distributed else 1,
+                rank=torch.distributed.get_rank() if distributed else 0,
+                shuffle=True,
+                seed=self.seed,
+            )
         workers = self.num_workers
         return DataLoader(
-            self.datasets[split],
+            dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle and len(self.datasets[split]) >= self.batch_size,
+            sampler=sampler,  # None: in order (evaluation samples are seeded per position)
+            drop_last=sampler is not None and len(sampler) >= self.batch_size,
             num_workers=workers,
             collate_fn=collate_samples,
-            worker_init_fn=seed_worker if workers > 0 else None,
-            generator=self._generator if shuffle else None,  # eval samples are seeded per index
             persistent_workers=self.persistent_workers and workers > 0,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
         )

@@ -228,30 +228,23 @@ class CTDataset(Dataset):
         self.geometry: VoCoGeometry | None = None if spec.voco is None else voco_geometry(spec.voco)
         self.reports, self.labels = reports, labels
         self.train, self.seed = train, seed
-        self._rng: np.random.Generator | None = None
 
     def __len__(self) -> int:
         return len(self.study_ids)
 
-    def reseed(self, *entropy: int) -> None:
-        """Restart the training random stream (called per DataLoader worker by the DataModule)."""
-        self._rng = np.random.default_rng([self.seed, *entropy])
+    def _generator(self, index: int) -> tuple[int, np.random.Generator]:
+        """The study position of `index` and the random stream of that sample.
 
-    def rng_state(self) -> dict[str, Any] | None:
-        """The training stream's state in this process (None before its first draw, or in workers)."""
-        return None if self._rng is None else self._rng.bit_generator.state
-
-    def set_rng_state(self, state: dict[str, Any]) -> None:
-        """Continue the training stream from a state `rng_state` returned (exact resumption)."""
-        self._rng = np.random.default_rng()
-        self._rng.bit_generator.state = state
-
-    def _generator(self, index: int) -> np.random.Generator:
-        if not self.train:  # evaluation: the same crops every epoch
-            return np.random.default_rng([self.seed, index])
-        if self._rng is None:
-            self.reseed()
-        return self._rng
+        A training index may carry the epoch (`index = epoch * len(self) + position`, as
+        `EpochSampler` passes it), so every draw is a function of (seed, epoch, position):
+        the same whatever the worker count, however often a loader is re-created, and after
+        resuming from a checkpoint. Evaluation draws from (seed, position): the same crops
+        every epoch.
+        """
+        epoch, position = divmod(index, len(self.study_ids))
+        if not self.train:
+            return position, np.random.default_rng([self.seed, position])
+        return position, np.random.default_rng([self.seed, epoch, position])
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self._sample(index, {})
@@ -284,8 +277,8 @@ class CTDataset(Dataset):
         return shapes
 
     def _sample(self, index: int, out: dict[str, torch.Tensor]) -> dict[str, Any]:
-        rng = self._generator(index)
-        study_id = self.study_ids[index]
+        position, rng = self._generator(index)
+        study_id = self.study_ids[position]
         volume = self.cache.image(study_id)  # memmap, nothing read yet
         augment = self.spec.augment if self.train else None
         sample: dict[str, Any] = {"study_id": study_id}
