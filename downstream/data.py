@@ -61,6 +61,19 @@ def centre_start(shape: tuple[int, ...], size: tuple[int, ...]) -> tuple[int, ..
     return tuple((dim - n) // 2 for dim, n in zip(shape, size, strict=True))
 
 
+def study_crop(image: np.ndarray, size: tuple[int, ...], max_shift: float | None) -> torch.Tensor:
+    """A float32 [1, *size] HU crop of a prepared study: centred, or shifted by up to `max_shift` of its size.
+
+    The random shift is a cheap training augmentation that keeps the anatomy in view; None
+    (evaluation) keeps the crop centred.
+    """
+    start = centre_start(image.shape, size)
+    if max_shift is not None:
+        jitter = [int(torch.randint(-int(n * max_shift), int(n * max_shift) + 1, ()).item()) for n in size]
+        start = tuple(s + j for s, j in zip(start, jitter, strict=True))
+    return torch.from_numpy(crop_or_pad(image, start, size, AIR_HU).astype(np.float32))[None]
+
+
 class CacheDataModule(L.LightningDataModule):
     """Shared split logic: a prepared cache, split by patient or by `fixed_splits`.
 
@@ -302,15 +315,9 @@ class _StudyCrops(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         study_id = self.study_ids[index]
-        image = self.module.cache.image(study_id)
-        size = tuple(self.module.image_size)
-        start = centre_start(image.shape, size)
-        if self.train:
-            # Shift the crop by up to a quarter of its size: cheap augmentation, anatomy stays in view.
-            jitter = [int(torch.randint(-(n // 4), n // 4 + 1, ()).item()) for n in size]
-            start = tuple(s + j for s, j in zip(start, jitter, strict=True))
-        crop = crop_or_pad(image, start, size, AIR_HU).astype(np.float32)
-        return {"image": torch.from_numpy(crop)[None], "study_id": study_id, **self.module.targets(study_id)}
+        shift = 0.25 if self.train else None
+        image = study_crop(self.module.cache.image(study_id), self.module.image_size, shift)
+        return {"image": image, "study_id": study_id, **self.module.targets(study_id)}
 
 
 class StudyTableDataModule(CacheDataModule):

@@ -15,12 +15,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import polars as pl
-import torch
 from torch.utils.data import DataLoader, Dataset
 
-from downstream.data import AIR_HU, CacheDataModule, TaskDataError, centre_start, crop_or_pad
+from downstream.data import CacheDataModule, TaskDataError, study_crop
 from fm3d.data.cache import PreparedCache
 
 logger = logging.getLogger(__name__)
@@ -72,16 +70,10 @@ class _ReportCrops(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         study_id = self.study_ids[index]
-        image = self.module.cache.image(study_id)
-        size = tuple(self.module.image_size)
-        start = centre_start(image.shape, size)
-        if self.train:
-            # Shift by up to an eighth of the crop: the report describes the whole view, keep it in.
-            jitter = [int(torch.randint(-(n // 8), n // 8 + 1, ()).item()) for n in size]
-            start = tuple(s + j for s, j in zip(start, jitter, strict=True))
-        crop = crop_or_pad(image, start, size, AIR_HU).astype(np.float32)
-        report = self.module.reports[study_id]
-        return {"image": torch.from_numpy(crop)[None], "study_id": study_id, "report": report}
+        # Shift by up to an eighth of the crop: the report describes the whole view, keep it in.
+        shift = 0.125 if self.train else None
+        image = study_crop(self.module.cache.image(study_id), self.module.image_size, shift)
+        return {"image": image, "study_id": study_id, "report": self.module.reports[study_id]}
 
 
 class ReportDataModule(CacheDataModule):
