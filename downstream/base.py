@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning as L
+import numpy as np
 import polars as pl
 import torch
 from torch import nn
@@ -109,6 +110,23 @@ class Evaluation:
     task: str
     metrics: dict[str, float]
     tables: dict[str, pl.DataFrame] = field(default_factory=dict)
+
+
+def finite_mean(values: np.ndarray) -> float:
+    """Mean of the finite entries (NaN marks a class or group that could not be scored); NaN if none."""
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
+def multilabel_evaluation(task: str, rows: list[dict[str, Any]]) -> Evaluation:
+    """Multi-label evaluation from per-class rows (`class`, `auroc`, `f1`, ...): macro means + AUROCs."""
+    table = pl.DataFrame(rows)
+    metrics = {
+        "auroc_macro": finite_mean(table["auroc"].to_numpy()),
+        "f1_macro": finite_mean(table["f1"].to_numpy()),
+        **{f"auroc_{row['class']}": row["auroc"] for row in rows},
+    }
+    return Evaluation(task, metrics, {"per_class": table})
 
 
 class DownstreamTask(L.LightningModule):

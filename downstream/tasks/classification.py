@@ -13,13 +13,12 @@ import logging
 from typing import Any, Literal
 
 import numpy as np
-import polars as pl
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import f1_score, precision_recall_curve, roc_auc_score
 from torch import nn
 
-from downstream.base import DownstreamTask, Evaluation, StepOutput
+from downstream.base import DownstreamTask, Evaluation, StepOutput, multilabel_evaluation
 from downstream.data import ClassificationDataModule
 from downstream.registry import register_task
 from downstream.strategies import FinetuneStrategy
@@ -140,13 +139,7 @@ class ClassificationTask(DownstreamTask):
                     "n": len(y),
                 }
             )
-        table = pl.DataFrame(rows)
-        metrics = {
-            "auroc_macro": _nanmean(table["auroc"].to_numpy()),
-            "f1_macro": _nanmean(table["f1"].to_numpy()),
-            **{f"auroc_{r['class']}": r["auroc"] for r in rows},
-        }
-        return Evaluation(self.task_name, metrics, {"per_class": table})
+        return multilabel_evaluation(self.task_name, rows)
 
     def figures(self, collected: dict[str, Any], evaluation: Evaluation) -> dict[str, Any]:
         from downstream.plots import roc_curves_figure
@@ -159,7 +152,3 @@ class ClassificationTask(DownstreamTask):
         probs = torch.sigmoid(self(self.prepare_image(batch["image"])))
         return {"study_id": list(batch["study_id"]), "probs": probs, "findings": probs >= self.thresholds}
 
-
-def _nanmean(values: np.ndarray) -> float:
-    finite = values[np.isfinite(values)]
-    return float(finite.mean()) if finite.size else float("nan")

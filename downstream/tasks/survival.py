@@ -20,7 +20,7 @@ import polars as pl
 import torch
 from torch import nn
 
-from downstream.base import DownstreamTask, Evaluation, StepOutput
+from downstream.base import DownstreamTask, Evaluation, StepOutput, finite_mean
 from downstream.data import SurvivalDataModule
 from downstream.registry import register_task
 from downstream.strategies import FinetuneStrategy
@@ -156,8 +156,8 @@ class SurvivalTask(DownstreamTask):
             )
         table = pl.DataFrame(rows)
         metrics = {
-            "c_index_mean": _nanmean(table["c_index"].to_numpy()),
-            "ibs_mean": _nanmean(table["ibs"].to_numpy()),
+            "c_index_mean": finite_mean(table["c_index"].to_numpy()),
+            "ibs_mean": finite_mean(table["ibs"].to_numpy()),
             **{f"c_index_{r['task']}": r["c_index"] for r in rows},
         }
         return Evaluation(self.task_name, metrics, {"per_task": table})
@@ -198,7 +198,3 @@ def _or_nan(compute: Any) -> float:
         logger.info("survival metric undefined: %s", exc)
         return float("nan")
 
-
-def _nanmean(values: np.ndarray) -> float:
-    finite = values[np.isfinite(values)]
-    return float(finite.mean()) if finite.size else float("nan")

@@ -17,13 +17,12 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import polars as pl
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import f1_score, roc_auc_score
 from torch import nn
 
-from downstream.base import Evaluation, StepOutput
+from downstream.base import Evaluation, StepOutput, multilabel_evaluation
 from downstream.data import ClassificationDataModule
 from downstream.registry import register_task
 from downstream.tasks.clip_task import ClipEvalTask
@@ -100,13 +99,7 @@ class ZeroShotTask(ClipEvalTask):
                     "n": len(y),
                 }
             )
-        table = pl.DataFrame(rows)
-        metrics = {
-            "auroc_macro": _nanmean(table["auroc"].to_numpy()),
-            "f1_macro": _nanmean(table["f1"].to_numpy()),
-            **{f"auroc_{r['class']}": r["auroc"] for r in rows},
-        }
-        return Evaluation(self.task_name, metrics, {"per_class": table})
+        return multilabel_evaluation(self.task_name, rows)
 
     def figures(self, collected: dict[str, Any], evaluation: Evaluation) -> dict[str, Any]:
         from downstream.plots import roc_curves_figure
@@ -119,7 +112,3 @@ class ZeroShotTask(ClipEvalTask):
         probs = self(batch["image"])
         return {"study_id": list(batch["study_id"]), "probs": probs, "findings": probs >= 0.5}
 
-
-def _nanmean(values: np.ndarray) -> float:
-    finite = values[np.isfinite(values)]
-    return float(finite.mean()) if finite.size else float("nan")
