@@ -84,6 +84,9 @@ class TextTower(nn.Module):
                 "Hugging Face model and its tokenizer (save_pretrained), or a hub name on a machine "
                 "that can reach the hub; fm3d.text.init_text_model writes a small from-scratch one."
             ) from error
+        # from_pretrained hands back the model in eval mode; a new module starts in train mode
+        # (dropout on) like every other fm3d module, and Lightning keeps the modes it finds at fit.
+        self.model.train()
         if getattr(self.model, "pooler", None) is not None:
             self.model.pooler.requires_grad_(False)
         self.source = source

@@ -69,6 +69,17 @@ def test_tower_truncates_and_caps_max_length(tiny_bert):
     assert tokens["input_ids"].shape[1] == 32
 
 
+def test_tower_starts_in_train_mode_with_dropout(tiny_bert):
+    # Hugging Face's from_pretrained returns an eval-mode model; the tower must train like any module.
+    tower = TextTower(tiny_bert)
+    assert tower.training and all(module.training for module in tower.modules())
+    torch.manual_seed(0)
+    assert not torch.equal(tower(["the liver is normal"]), tower(["the liver is normal"]))  # dropout
+    tower.eval()
+    assert not any(module.training for module in tower.modules())
+    torch.testing.assert_close(tower(["the liver is normal"]), tower(["the liver is normal"]))
+
+
 def test_every_parameter_gets_a_gradient(tiny_bert):
     tower = TextTower(tiny_bert)
     # BERT's pooler is unused by fm3d's pooling: frozen, so DDP does not wait for its gradient.
