@@ -153,7 +153,7 @@ def test_training_aligns_images_with_their_reports(text_model):
     batch = {"report": REPORTS, "has_report": torch.ones(4, dtype=torch.bool)}
     optimizer = torch.optim.Adam(objective.parameters(), lr=2e-2)
     losses = []
-    for _ in range(25):
+    for _ in range(60):
         optimizer.zero_grad()
         loss, metrics = objective(batch, _encoded(pooled))
         loss.backward()
