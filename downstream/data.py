@@ -304,19 +304,20 @@ def read_table(path: str | Path) -> pl.DataFrame:
     return table.with_columns(pl.col("study_id").cast(pl.String))
 
 
-class _StudyCrops(Dataset):
-    """One fixed-size crop per study (random in training, centred otherwise) plus its label row."""
+class StudyCrops(Dataset):
+    """One fixed-size HU crop per study (shifted at random in training, centred otherwise) plus
+    whatever the data module's `targets(study_id)` returns (label tensors, report text)."""
 
-    def __init__(self, module: StudyTableDataModule, study_ids: list[str], train: bool) -> None:
-        self.module, self.study_ids, self.train = module, study_ids, train
+    def __init__(self, module: Any, study_ids: list[str], train: bool, max_shift: float = 0.25) -> None:
+        self.module, self.study_ids = module, study_ids
+        self.max_shift = max_shift if train else None
 
     def __len__(self) -> int:
         return len(self.study_ids)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         study_id = self.study_ids[index]
-        shift = 0.25 if self.train else None
-        image = study_crop(self.module.cache.image(study_id), self.module.image_size, shift)
+        image = study_crop(self.module.cache.image(study_id), self.module.image_size, self.max_shift)
         return {"image": image, "study_id": study_id, **self.module.targets(study_id)}
 
 
@@ -358,16 +359,16 @@ class StudyTableDataModule(CacheDataModule):
         raise NotImplementedError
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(_StudyCrops(self, self.study_ids("train"), train=True), shuffle=True)
+        return self._loader(StudyCrops(self, self.study_ids("train"), train=True), shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(_StudyCrops(self, self.study_ids("val"), train=False), shuffle=False)
+        return self._loader(StudyCrops(self, self.study_ids("val"), train=False), shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(_StudyCrops(self, self.study_ids("test"), train=False), shuffle=False)
+        return self._loader(StudyCrops(self, self.study_ids("test"), train=False), shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(_StudyCrops(self, self.study_ids("predict"), train=False), shuffle=False)
+        return self._loader(StudyCrops(self, self.study_ids("predict"), train=False), shuffle=False)
 
 
 class ClassificationDataModule(StudyTableDataModule):

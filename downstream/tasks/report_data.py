@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from downstream.data import CacheDataModule, TaskDataError, study_crop
+from downstream.data import CacheDataModule, StudyCrops, TaskDataError
 from fm3d.data.cache import PreparedCache
 
 logger = logging.getLogger(__name__)
@@ -59,21 +59,8 @@ def read_reports(path: str | Path, report_columns: list[str], id_column: str = "
     return {k: v for k, v in reports.items() if v}
 
 
-class _ReportCrops(Dataset):
-    """One crop per study with its report."""
-
-    def __init__(self, module: ReportDataModule, study_ids: list[str], train: bool) -> None:
-        self.module, self.study_ids, self.train = module, study_ids, train
-
-    def __len__(self) -> int:
-        return len(self.study_ids)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        study_id = self.study_ids[index]
-        # Shift by up to an eighth of the crop: the report describes the whole view, keep it in.
-        shift = 0.125 if self.train else None
-        image = study_crop(self.module.cache.image(study_id), self.module.image_size, shift)
-        return {"image": image, "study_id": study_id, "report": self.module.reports[study_id]}
+# Training crops shift by up to an eighth of their size: the report describes the whole view.
+REPORT_SHIFT = 0.125
 
 
 class ReportDataModule(CacheDataModule):
@@ -133,14 +120,21 @@ class ReportDataModule(CacheDataModule):
             logger.warning("%d studies without a report are left out", len(cache.study_ids) - len(usable))
         return usable
 
+    def targets(self, study_id: str) -> dict[str, str]:
+        """The study's report, what `StudyCrops` adds to each crop."""
+        return {"report": self.reports[study_id]}
+
+    def _crops(self, split: str) -> StudyCrops:
+        return StudyCrops(self, self.study_ids(split), train=split == "train", max_shift=REPORT_SHIFT)
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(_ReportCrops(self, self.study_ids("train"), train=True), shuffle=True)
+        return self._loader(self._crops("train"), shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(_ReportCrops(self, self.study_ids("val"), train=False), shuffle=False)
+        return self._loader(self._crops("val"), shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(_ReportCrops(self, self.study_ids("test"), train=False), shuffle=False)
+        return self._loader(self._crops("test"), shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(_ReportCrops(self, self.study_ids("predict"), train=False), shuffle=False)
+        return self._loader(self._crops("predict"), shuffle=False)
