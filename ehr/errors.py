@@ -6,23 +6,11 @@ reading it is usually converting a hospital's data and needs to know where to lo
 
 from __future__ import annotations
 
-from pathlib import Path
+from fm3d.errors import PathError
 
 
-class EHRError(Exception):
+class EHRError(PathError):
     """Base of fm3d's EHR errors: where, what is wrong, and what to do."""
-
-    def __init__(self, path: str | Path, reason: str, hint: str = "") -> None:
-        self.path = Path(path)
-        self.reason = reason
-        self.hint = hint
-        message = f"{self.path}: {reason}"
-        if hint:
-            message += f". {hint[0].upper()}{hint[1:]}"
-        super().__init__(message)
-
-    def __reduce__(self):  # picklable across worker processes
-        return (type(self), (self.path, self.reason, self.hint))
 
 
 class MEDSFormatError(EHRError):

@@ -6,23 +6,11 @@ message is usually looking at one bad study among thousands.
 
 from __future__ import annotations
 
-from pathlib import Path
+from fm3d.errors import PathError
 
 
-class DataError(Exception):
+class DataError(PathError):
     """Base of fm3d's data errors: a file, what is wrong with it, and what to do."""
-
-    def __init__(self, path: str | Path, reason: str, hint: str = "") -> None:
-        self.path = Path(path)
-        self.reason = reason
-        self.hint = hint
-        message = f"{self.path}: {reason}"
-        if hint:
-            message += f". {hint[0].upper()}{hint[1:]}"
-        super().__init__(message)
-
-    def __reduce__(self):  # keeps the error picklable across worker processes
-        return (type(self), (self.path, self.reason, self.hint))
 
 
 class VolumeReadError(DataError):
