@@ -28,13 +28,44 @@ FM3D = Path(sys.executable).parent / "fm3d"
 pytestmark = pytest.mark.slow
 
 
+MUNGE_RUN = Path("/run/munge")
+SLURM_LOGS = (Path("/var/log/slurm/slurmctld.log"), Path("/var/log/slurm/slurmd.log"))
+
+
+def _clear_stale_munge_socket() -> None:
+    """Remove munged's socket when the munged that made it is gone.
+
+    A machine restored from a snapshot keeps /run/munge/munge.socket.2 but not the process;
+    local-slurm.sh then takes munged for running, SLURM's authentication is refused, and every
+    `sinfo` waits out its timeout (the start took > 5 min and never came up).
+    """
+    pid_file = MUNGE_RUN / "munged.pid"
+    if not pid_file.is_file():
+        return
+    try:
+        os.kill(int(pid_file.read_text().strip()), 0)
+    except (ValueError, ProcessLookupError):
+        for stale in ("munge.socket.2", "munge.socket.2.lock", "munged.pid"):
+            (MUNGE_RUN / stale).unlink(missing_ok=True)
+
+
+def _log_tails() -> str:
+    return "\n".join(f"{log}:\n{log.read_text()[-800:]}" for log in SLURM_LOGS if log.is_file())
+
+
 @pytest.fixture(scope="module")
 def slurm_cluster() -> None:
     if not LOCAL_SLURM.is_file():
         pytest.skip(f"{LOCAL_SLURM} is absent: no local SLURM cluster to test the sbatch scripts on")
-    started = subprocess.run(["bash", str(LOCAL_SLURM), "start"], capture_output=True, text=True, timeout=300)
+    _clear_stale_munge_socket()
+    try:
+        started = subprocess.run(
+            ["bash", str(LOCAL_SLURM), "start"], capture_output=True, text=True, timeout=600
+        )
+    except subprocess.TimeoutExpired:
+        pytest.skip(f"the local SLURM cluster did not come up within 10 min:\n{_log_tails()}")
     if started.returncode != 0 or shutil.which("sbatch") is None:
-        pytest.skip(f"the local SLURM cluster did not start: {started.stderr.strip()[-500:]}")
+        pytest.skip(f"the local SLURM cluster did not start: {started.stderr.strip()[-500:]}\n{_log_tails()}")
 
 
 def _job_state(job_id: str) -> dict[str, str]:
