@@ -150,7 +150,9 @@ def init_text_model(
 
     For pretraining CLIP without any pretrained text model available offline (the demo, air-
     gapped clusters, tests). The model weights are random; CLIP pretraining trains them.
-    Returns `directory`, loadable with `TextTower(directory)`.
+    Returns `directory`, loadable with `TextTower(directory)`. Pool it with "mean": at random
+    initialisation the [CLS] state is the same for every text (to float precision), so "cls"
+    pooling starts CLIP with identical text embeddings.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast

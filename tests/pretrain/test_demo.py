@@ -34,12 +34,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.xfail(
     strict=True,
-    reason="demo.yaml does not learn yet (issue 5): its 32x64x64 global view is a random crop of the "
-    "48x96x96 volume and misses most findings (linear probe on the crop: phenotype AUROC 0.52, on the "
-    "whole volume 0.72); on the whole volume the [0, 1]-windowed input is nearly one image for every "
-    "study, so the from-scratch vit3d_tiny's pooled embedding collapses (std 0.002 vs norm 14) and does "
-    "not fit even the training phenotypes; zero-mean input removes the collapse, but the ViT then "
-    "memorises the ~40 training studies (held-out AUROC ~0.55; a standardised linear model: 0.72)",
+    reason="demo.yaml does not learn yet (issue 5; measurements in docs/pretraining.md, 'The demo'): "
+    "the from-scratch vit3d_tiny does not pick up the findings in a CPU demo's steps (held-out phenotype "
+    "AUROC 0.53 after 1,900 steps, a linear model on pooled voxels 0.63), and CLIP on its collapsed "
+    "pooled embeddings stays at ln(batch size) or memorises the training pairs",
 )
 def test_demo_run_retrieves_held_out_reports_and_ranks_risk(tmp_path: Path) -> None:
     demo = tmp_path / "demo"
