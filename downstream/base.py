@@ -262,7 +262,7 @@ class DownstreamTask(L.LightningModule):
         groups = parameter_groups(
             self.encoder, self.head_parameters(), self.strategy, self.lr, self.weight_decay
         )
-        optimizer = torch.optim.AdamW(groups, lr=self.lr)
+        optimizer = torch.optim.AdamW(groups, lr=self.lr, fused=True)  # one pass over all parameters
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = min(self.warmup_steps, total)
 

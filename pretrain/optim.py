@@ -42,6 +42,11 @@ class OptimizerSettings:
     max_steps: total optimizer steps of the cosine; None takes the Trainer's estimate
         (`trainer.estimated_stepping_batches`).
     min_lr_ratio: the cosine ends at lr * min_lr_ratio.
+    fused: torch's fused AdamW kernel (CPU and CUDA). The same update as the per-parameter
+        loop, in one pass over all parameters: 3.5x faster on CPU for 23 M parameters
+        (docs/performance.md), which matters where heads are large next to the encoder
+        (VoCo's 2048-wide heads and their EMA teacher on vit3d_tiny). Set false for parameters
+        the fused kernel does not take (e.g. a device other than CPU/CUDA).
     """
 
     lr: float = 1e-4
@@ -50,6 +55,7 @@ class OptimizerSettings:
     warmup_steps: int = 0
     max_steps: int | None = None
     min_lr_ratio: float = 0.0
+    fused: bool = True
 
 
 def is_no_decay(name: str, param: nn.Parameter) -> bool:
@@ -108,10 +114,11 @@ def build_optimizer(
     warmup_steps = settings.warmup_steps
     if warmup_steps > max_steps:
         # Short runs (demos, smoke tests) keep the config's warmup but cannot outlast the run.
-        logger.warning("warmup_steps=%d exceeds the run's %d steps; warming up over all of them",
-                       warmup_steps, max_steps)
+        logger.warning(
+            "warmup_steps=%d exceeds the run's %d steps; warming up over all of them", warmup_steps, max_steps
+        )
         warmup_steps = max_steps
     groups = parameter_groups(module.named_parameters(), settings.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=tuple(settings.betas))
+    optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=tuple(settings.betas), fused=settings.fused)
     schedule = WarmupCosine(warmup_steps, max_steps, settings.min_lr_ratio)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

@@ -53,6 +53,27 @@ def test_adamw_step_decays_only_the_decay_group() -> None:
         torch.testing.assert_close(p.detach(), expected, msg=name)
 
 
+def test_fused_adamw_takes_the_same_steps_as_the_loop() -> None:
+    models = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = _Tiny()
+        optimizer, scheduler = build_optimizer(model, OptimizerSettings(lr=0.1, fused=fused), max_steps=5)
+        assert optimizer.defaults["fused"] is fused
+        for step in range(5):
+            torch.manual_seed(step)
+            optimizer.zero_grad()
+            loss = model.proj(torch.randn(8, 4)).pow(2).mean() + model.pos_embed.sum() * model.logit_scale
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+        models[fused] = model
+    for (name, fused_param), loop_param in zip(
+        models[True].named_parameters(), models[False].parameters(), strict=True
+    ):
+        torch.testing.assert_close(fused_param, loop_param, rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_warmup_cosine_hand_values() -> None:
     schedule = WarmupCosine(warmup_steps=4, max_steps=12, min_ratio=0.1)
     assert [schedule(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
