@@ -133,8 +133,12 @@ class PretrainModule(pl.LightningModule):
         encoded = self.encode(batch)
         batch_size = int(batch["image"].shape[0])
         # Training logs per step on each rank; validation logs epoch means synchronised over ranks.
-        log = {"on_step": stage == "train", "on_epoch": stage != "train", "sync_dist": stage != "train",
-               "batch_size": batch_size}
+        log = {
+            "on_step": stage == "train",
+            "on_epoch": stage != "train",
+            "sync_dist": stage != "train",
+            "batch_size": batch_size,
+        }
         total = torch.zeros((), device=self.device)
         for name, objective in self.objectives.items():
             loss, metrics = objective(batch, encoded)
@@ -174,10 +178,19 @@ class PretrainModule(pl.LightningModule):
                 self.log(f"val/{name}/{key}", float(value), sync_dist=True)
 
     def setup(self, stage: str) -> None:
-        """Check the objectives' data-dependent sizes against the data module's label table."""
+        """Check the objectives' sizes against the data module; record its input settings.
+
+        The encoder's config takes the data module's HU window and prepared spacing
+        (`encoder_input_settings`), so checkpoints and the exported encoder state the input
+        the weights were trained on rather than the registry's defaults.
+        """
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is None:
             return
+        input_settings = getattr(datamodule, "encoder_input_settings", None)
+        if callable(input_settings):
+            for key, value in input_settings().items():
+                setattr(self.encoder.config, key, tuple(value))
         for name, objective in self.objectives.items():
             for size in _DATA_SIZES:
                 ours, theirs = getattr(objective, size, None), getattr(datamodule, size, None)

@@ -150,6 +150,21 @@ class CTDataModule(L.LightningDataModule):
         """Width of the "tte_time" label column: time-to-event tasks (0 without one)."""
         return self.label_widths.get("tte_time", 0)
 
+    def encoder_input_settings(self) -> dict[str, tuple[float, ...]]:
+        """What an encoder trained on these loaders expects of its input, as encoder config fields.
+
+        `hu_window` is the window the loaders clip and scale; `target_spacing_mm` the spacing the
+        cache was prepared at (left out when its studies disagree). The pretraining module
+        writes both into the encoder's config, so an exported encoder says how to feed it.
+        """
+        settings: dict[str, tuple[float, ...]] = {"hu_window": tuple(float(v) for v in self.spec.hu_window)}
+        spacings = {
+            tuple(float(v) for v in s) for s in PreparedCache(self.cache_dir).index["spacing"].to_list()
+        }
+        if len(spacings) == 1:
+            settings["target_spacing_mm"] = spacings.pop()
+        return settings
+
     def _report_table(self, cache: PreparedCache) -> ReportTable | None:
         if self.reports_path is not None:
             return ReportTable(read_table(self.reports_path), self.report_columns, self.reports_path)

@@ -96,6 +96,10 @@ def demo_cohort(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                 str(root / "manifest.parquet"),
                 "--out",
                 str(root / "cache"),
+                "--spacing",  # not the default (3, 1.5, 1.5): exported encoders must report it
+                "3",
+                "2",
+                "2",
                 "--no-progress",
             ]
         )
@@ -168,6 +172,7 @@ def tiny_run_config(
             "cache_dir": str(cohort["cache"]),
             "labels": str(cohort["labels"]),
             "image_size": [16, 16, 16],
+            "hu_window": [-175, 250],
             "voco": "tiny" if "voco" in objectives else None,
             "batch_size": 4,
             "num_workers": 0,

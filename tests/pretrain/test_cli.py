@@ -10,6 +10,7 @@ import torch
 import fm3d
 from fm3d.cli import main as fm3d_main
 from fm3d.clip import load_clip
+from fm3d.data.cache import PreparedCache
 from pretrain.cli import PretrainConfigError, resolve_run_dir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,7 +34,7 @@ def test_fit_fills_the_run_folder(finished_run: Path) -> None:
     assert (finished_run / "plots" / "retrieval_recall_at_k.png").stat().st_size > 0
 
 
-def test_exported_encoder_and_clip_match_the_last_checkpoint(finished_run: Path) -> None:
+def test_exported_encoder_and_clip_match_the_last_checkpoint(finished_run: Path, demo_cohort) -> None:
     encoder = fm3d.load_encoder(finished_run / "export" / "encoder")
     checkpoint = torch.load(finished_run / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 3
@@ -41,6 +42,11 @@ def test_exported_encoder_and_clip_match_the_last_checkpoint(finished_run: Path)
         torch.testing.assert_close(tensor, checkpoint["state_dict"][f"encoder.{name}"], rtol=0, atol=0)
     from_ckpt = fm3d.load_encoder(finished_run / "checkpoints" / "last.ckpt")
     assert from_ckpt.config == encoder.config
+    # The config states the input the weights were trained on: the data module's window and
+    # the prepared cache's spacing, not the registry's defaults.
+    (spacing,) = {tuple(s) for s in PreparedCache(demo_cohort["cache"]).index["spacing"].to_list()}
+    assert encoder.config.hu_window == (-175.0, 250.0)
+    assert encoder.config.target_spacing_mm == spacing == (3.0, 2.0, 2.0)
     clip = load_clip(finished_run / "export" / "clip")
     torch.testing.assert_close(
         clip.logit_scale.detach(),
