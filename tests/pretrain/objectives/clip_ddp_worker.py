@@ -65,8 +65,16 @@ def run(rank: int, world_size: int, text_model: str, losses: list, inputs: dict,
     try:
         start, stop = rows[rank]
         for loss in losses:
-            model = DistributedDataParallel(build(text_model, loss))
-            _two_steps(model, inputs, start, stop, Path(out) / f"{loss}{rank}.pt")
+            # A temporary, freed while the group lives: a DDP model that outlives
+            # destroy_process_group holds the last reference to the gloo group, and freeing it
+            # then joins gloo's threads while holding the GIL one of them waits for (a hang).
+            _two_steps(
+                DistributedDataParallel(build(text_model, loss)),
+                inputs,
+                start,
+                stop,
+                Path(out) / f"{loss}{rank}.pt",
+            )
         torch.save(validation_metrics(text_model, inputs, start, stop), Path(out) / f"validation{rank}.pt")
     finally:
         dist.destroy_process_group()
