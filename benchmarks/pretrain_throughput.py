@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -32,6 +31,9 @@ import time
 from pathlib import Path
 
 import torch
+
+# Run as a script, this folder is on sys.path: the shared helpers import without a package.
+from _common import machine_line
 
 REPO = Path(__file__).resolve().parents[1]
 OBJECTIVE_SETS = {
@@ -158,19 +160,6 @@ def run_case(
     }
 
 
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    threads = torch.get_num_threads()
-    return f"{cpu}, {threads} torch threads, torch {torch.__version__}, Python {platform.python_version()}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny only, 1 warm-up + 2 timed steps")
@@ -266,7 +255,7 @@ def main() -> None:
             f"{rounds} round-robin rounds). 'time vs encoder on the same views' is the step time of all "
             "four objectives over that of the encoder on the views they need (global view, VoCo bases "
             "and crops) with a trivial loss: the objectives' cost.\n\n"
-            f"Machine: {machine()}.\n\n{text}\n"
+            f"{machine_line()}\n\n{text}\n"
         )
         print(f"\nwritten to {out}")
 
