@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import numpy as np
@@ -308,9 +308,9 @@ class StudyCrops(Dataset):
     """One fixed-size HU crop per study (shifted at random in training, centred otherwise) plus
     whatever the data module's `targets(study_id)` returns (label tensors, report text)."""
 
-    def __init__(self, module: Any, study_ids: list[str], train: bool, max_shift: float = 0.25) -> None:
+    def __init__(self, module: StudyCropDataModule, study_ids: list[str], train: bool) -> None:
         self.module, self.study_ids = module, study_ids
-        self.max_shift = max_shift if train else None
+        self.max_shift = module.crop_shift if train else None
 
     def __len__(self) -> int:
         return len(self.study_ids)
@@ -321,7 +321,37 @@ class StudyCrops(Dataset):
         return {"image": image, "study_id": study_id, **self.module.targets(study_id)}
 
 
-class StudyTableDataModule(CacheDataModule):
+class StudyCropDataModule(CacheDataModule):
+    """Loaders of one crop per study plus the study's `targets` (labels, report) per split.
+
+    Subclasses set `image_size`, define `targets(study_id)`, and may set `crop_shift`: the
+    largest random shift of a training crop, as a share of its size.
+    """
+
+    crop_shift: ClassVar[float] = 0.25
+    image_size: tuple[int, int, int]
+
+    def targets(self, study_id: str) -> dict[str, Any]:
+        """The batch entries of one study besides its image and id."""
+        raise NotImplementedError
+
+    def _crops(self, split: str) -> StudyCrops:
+        return StudyCrops(self, self.study_ids(split), train=split == "train")
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self._crops("train"), shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._crops("val"), shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self._crops("test"), shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self._crops("predict"), shuffle=False)
+
+
+class StudyTableDataModule(StudyCropDataModule):
     """Prepared CTs joined by study_id to a per-study label table; subclasses say which columns."""
 
     def __init__(
@@ -353,22 +383,6 @@ class StudyTableDataModule(CacheDataModule):
                 "%d studies of %s have no row in %s and are left out", missing, cache.root, self.labels_path
             )
         return joined
-
-    def targets(self, study_id: str) -> dict[str, torch.Tensor]:
-        """The batch entries of one study's labels."""
-        raise NotImplementedError
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(StudyCrops(self, self.study_ids("train"), train=True), shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(StudyCrops(self, self.study_ids("val"), train=False), shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(StudyCrops(self, self.study_ids("test"), train=False), shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(StudyCrops(self, self.study_ids("predict"), train=False), shuffle=False)
 
 
 class ClassificationDataModule(StudyTableDataModule):

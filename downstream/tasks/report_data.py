@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-from torch.utils.data import DataLoader
 
-from downstream.data import CacheDataModule, StudyCrops, TaskDataError
+from downstream.data import StudyCropDataModule, TaskDataError
 from fm3d.data.cache import PreparedCache
 
 logger = logging.getLogger(__name__)
@@ -59,11 +58,7 @@ def read_reports(path: str | Path, report_columns: list[str], id_column: str = "
     return {k: v for k, v in reports.items() if v}
 
 
-# Training crops shift by up to an eighth of their size: the report describes the whole view.
-REPORT_SHIFT = 0.125
-
-
-class ReportDataModule(CacheDataModule):
+class ReportDataModule(StudyCropDataModule):
     """Prepared CTs paired with report text (see the module docstring).
 
     Args:
@@ -74,6 +69,9 @@ class ReportDataModule(CacheDataModule):
         image_size: (D, H, W) crop in voxels.
         (split_fractions, seed, fixed_splits, batch_size, num_workers: see CacheDataModule.)
     """
+
+    # Training crops shift by up to an eighth of their size: the report describes the whole view.
+    crop_shift = 0.125
 
     def __init__(
         self,
@@ -123,18 +121,3 @@ class ReportDataModule(CacheDataModule):
     def targets(self, study_id: str) -> dict[str, str]:
         """The study's report, what `StudyCrops` adds to each crop."""
         return {"report": self.reports[study_id]}
-
-    def _crops(self, split: str) -> StudyCrops:
-        return StudyCrops(self, self.study_ids(split), train=split == "train", max_shift=REPORT_SHIFT)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self._crops("train"), shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self._crops("val"), shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self._crops("test"), shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self._crops("predict"), shuffle=False)
