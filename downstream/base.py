@@ -81,10 +81,13 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
-def normalize_hu(image: torch.Tensor, hu_window: tuple[float, float]) -> torch.Tensor:
-    """Clip HU to the encoder's window and scale it to [0, 1], as the encoder was trained."""
+def normalize_hu(
+    image: torch.Tensor, hu_window: tuple[float, float], intensity_range: tuple[float, float] = (0.0, 1.0)
+) -> torch.Tensor:
+    """Clip HU to the encoder's window and scale it to its intensity range, as the encoder was trained."""
     low, high = hu_window
-    return (image.clamp(low, high) - low) / (high - low)
+    out_low, out_high = intensity_range
+    return (image.clamp(low, high) - low) * ((out_high - out_low) / (high - low)) + out_low
 
 
 @dataclass
@@ -190,7 +193,7 @@ class DownstreamTask(L.LightningModule):
 
     def prepare_image(self, image: torch.Tensor) -> torch.Tensor:
         """Model input from a batch's HU image [B, 1, D, H, W]."""
-        return normalize_hu(image.float(), self.hu_window)
+        return normalize_hu(image.float(), self.hu_window, tuple(self.encoder.config.intensity_range))
 
     def head_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """The task's own parameters (everything outside `self.encoder`), by name."""

@@ -73,7 +73,9 @@ class CTDataModule(L.LightningDataModule):
         label_columns: array columns of `labels` put into the batch under their own names.
         image_size: (D, H, W) of the global view; None for none.
         image_region: voxels read for the global view before resizing to image_size.
-        hu_window: HU clipped and scaled to [0, 1].
+        hu_window: HU clipped and scaled to `intensity_range`.
+        intensity_range: the values the window's ends map to: [0, 1] (VoCo, Merlin) or
+            [-1, 1] (CT-CLIP; zero-centred input, which the demo's from-scratch ViT needs).
         voco: "v1", "v2", "tiny" or None.
         split_fractions: train/val/test shares of patients.
         seed: split and sampling seed.
@@ -92,6 +94,7 @@ class CTDataModule(L.LightningDataModule):
         image_size: tuple[int, int, int] | None = (160, 224, 224),
         image_region: tuple[int, int, int] | None = None,
         hu_window: tuple[float, float] = (-1000.0, 1000.0),
+        intensity_range: tuple[float, float] = (0.0, 1.0),
         voco: str | None = None,
         batch_size: int = 2,
         num_workers: int = 4,
@@ -120,6 +123,7 @@ class CTDataModule(L.LightningDataModule):
             image_size=None if image_size is None else tuple(image_size),
             image_region=None if image_region is None else tuple(image_region),
             hu_window=tuple(hu_window),
+            intensity_range=tuple(intensity_range),
             voco=voco,
             augment=augmentation if augment else None,
         )
@@ -153,11 +157,15 @@ class CTDataModule(L.LightningDataModule):
     def encoder_input_settings(self) -> dict[str, tuple[float, ...]]:
         """What an encoder trained on these loaders expects of its input, as encoder config fields.
 
-        `hu_window` is the window the loaders clip and scale; `target_spacing_mm` the spacing the
-        cache was prepared at (left out when its studies disagree). The pretraining module
-        writes both into the encoder's config, so an exported encoder says how to feed it.
+        `hu_window` is the window the loaders clip and `intensity_range` what they scale it to;
+        `target_spacing_mm` the spacing the cache was prepared at (left out when its studies
+        disagree). The pretraining module writes them into the encoder's config, so an exported
+        encoder says how to feed it.
         """
-        settings: dict[str, tuple[float, ...]] = {"hu_window": tuple(float(v) for v in self.spec.hu_window)}
+        settings: dict[str, tuple[float, ...]] = {
+            "hu_window": tuple(float(v) for v in self.spec.hu_window),
+            "intensity_range": tuple(float(v) for v in self.spec.intensity_range),
+        }
         spacings = {
             tuple(float(v) for v in s) for s in PreparedCache(self.cache_dir).index["spacing"].to_list()
         }

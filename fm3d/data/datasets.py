@@ -3,8 +3,9 @@
 A sample reads only the voxels it needs: the study's int16 array is a memory map, the
 region of interest is sliced from it first and only that slab is copied (padded with the
 HU window floor where the volume is smaller than the region). Intensities are clipped to
-`hu_window` and scaled to [0, 1] - MONAI's `ScaleIntensityRanged(a_min, a_max, b_min=0,
-b_max=1, clip=True)` as VoCo and Merlin use it; padding therefore reads 0. The clip happens
+`hu_window` and scaled linearly to `intensity_range` - MONAI's `ScaleIntensityRanged(a_min,
+a_max, b_min, b_max, clip=True)`; the default [0, 1] is VoCo's and Merlin's, [-1, 1] CT-CLIP's.
+Padding therefore reads the range's low end. The clip happens
 on integers while copying the slab and the float scaling writes straight into the output
 crops, so a VoCo sample costs about two passes over its voxels (docs/benchmarks/data_loading.md).
 
@@ -130,7 +131,8 @@ class SampleSpec:
 
     image_size: (D, H, W) of the global view for CLIP/EHR heads; None skips it.
     image_region: voxels read for the global view, resized to image_size (None: = image_size).
-    hu_window: HU clipped and scaled to [0, 1].
+    hu_window: HU clipped and scaled to `intensity_range`.
+    intensity_range: the values the window's low and high ends map to.
     voco: VoCo geometry (preset name or instance), None for no VoCo crops.
     augment: random augmentation in training; None for none. The global view gets
         intensity changes only: flipping it would contradict laterality in its report.
@@ -139,6 +141,7 @@ class SampleSpec:
     image_size: Size3 | None = (160, 224, 224)
     image_region: Size3 | None = None
     hu_window: tuple[float, float] = (-1000.0, 1000.0)
+    intensity_range: tuple[float, float] = (0.0, 1.0)
     voco: str | VoCoGeometry | None = None
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)
 
@@ -147,6 +150,11 @@ class SampleSpec:
         if not (float(lo).is_integer() and float(hi).is_integer() and lo < hi):
             raise ValueError(
                 f"hu_window must be whole HU values (low, high) with low < high, got {self.hu_window}"
+            )
+        low, high = self.intensity_range
+        if not low < high:
+            raise ValueError(
+                f"intensity_range must be (low, high) with low < high, got {self.intensity_range}"
             )
 
     @property
@@ -162,7 +170,7 @@ def read_region(
 
     Touches only the slab (one pass: clip from the memmap into the output); voxels outside
     the volume read 0, i.e. the HU floor. Integers keep the copy small; the float scaling
-    happens once, straight into the output crops (`to_unit`).
+    happens once, straight into the output crops (`scale_window`).
     """
     lo, hi = hu_window
     out = np.zeros(tuple(size), dtype=np.int16 if hi - lo <= np.iinfo(np.int16).max else np.int32)
@@ -179,16 +187,21 @@ def read_region(
     return out
 
 
-def to_unit(
-    shifted: torch.Tensor, hu_window: tuple[int, int], out: torch.Tensor | None = None
+def scale_window(
+    shifted: torch.Tensor,
+    hu_window: tuple[int, int],
+    intensity_range: tuple[float, float] = (0.0, 1.0),
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Scale window-shifted integers to [0, 1] floats (into `out` when given, any input layout)."""
+    """Window-shifted integers (0 .. high - low) to floats in `intensity_range` (into `out` when given)."""
     lo, hi = hu_window
+    low, high = intensity_range
     if out is None:
         out = torch.empty(shifted.shape)
-    # A converting copy then an in-place scale is ~3x faster than one promoting multiply on
+    # A converting copy then in-place arithmetic is ~3x faster than one promoting multiply on
     # strided integer input (measured with one thread).
-    return out.copy_(shifted).mul_(1.0 / (hi - lo))
+    out.copy_(shifted).mul_((high - low) / (hi - lo))
+    return out.add_(low) if low else out
 
 
 def region_start(shape: Sequence[int], size: Sequence[int], rng: np.random.Generator | None) -> list[int]:
@@ -301,10 +314,11 @@ class CTDataset(Dataset):
         start = region_start(volume.shape, region, rng if self.train else None)
         shifted = torch.from_numpy(read_region(volume, start, region, self.spec.window))
         if tuple(region) == tuple(size):
-            x = to_unit(shifted, self.spec.window, out=None if out is None else out[0])[None]
+            into = None if out is None else out[0]
+            x = scale_window(shifted, self.spec.window, self.spec.intensity_range, into)[None]
         else:
-            unit = to_unit(shifted, self.spec.window)[None, None]
-            x = _resized(unit, tuple(size), None if out is None else out[None])[0]
+            scaled = scale_window(shifted, self.spec.window, self.spec.intensity_range)[None, None]
+            x = _resized(scaled, tuple(size), None if out is None else out[None])[0]
         if augment is not None:
             apply_intensity(x[None], AugmentParams.draw(1, rng, augment, spatial=False))
         return x  # [1, D, H, W]
@@ -329,7 +343,8 @@ class CTDataset(Dataset):
                                       (crop_out, g.random_starts(centres), crop_params)):  # fmt: skip
             for c, (h, w) in enumerate(starts):
                 crop = region[:, h : h + b, w : w + b]
-                to_unit(crop if params is None else spatial_view(crop, params, c), window, out=stack[c, 0])
+                view = crop if params is None else spatial_view(crop, params, c)
+                scale_window(view, window, self.spec.intensity_range, out=stack[c, 0])
         if resize:  # VoCo v1: Resized(mode="bilinear", align_corners=True) to 64^3
             base_out, crop_out = (
                 _resized(base_out, g.crop_shape, bases),

@@ -31,9 +31,11 @@ class EncoderConfig:
     family: ClassVar[str] = ""
     name: str = ""
     in_chans: int = 1
-    # Voxel spacing (D, H, W) in mm and HU clipping window the weights were trained with.
+    # Voxel spacing (D, H, W) in mm and HU clipping window the weights were trained with, and
+    # the values the window's ends were scaled to.
     target_spacing_mm: tuple[float, float, float] = (3.0, 1.5, 1.5)
     hu_window: tuple[float, float] = (-1000.0, 1000.0)
+    intensity_range: tuple[float, float] = (0.0, 1.0)
     # Indices of the hidden states `forward` returns when called without `hidden_layers`.
     hidden_layers: tuple[int, ...] = ()
     grad_checkpointing: bool = False
@@ -51,10 +53,12 @@ class EncoderConfig:
         self.source = dict(self.source)
         self.target_spacing_mm = tuple(float(s) for s in self.target_spacing_mm)
         self.hu_window = tuple(float(h) for h in self.hu_window)
-        if len(self.target_spacing_mm) != 3 or len(self.hu_window) != 2:
+        self.intensity_range = tuple(float(v) for v in self.intensity_range)
+        if len(self.target_spacing_mm) != 3 or len(self.hu_window) != 2 or len(self.intensity_range) != 2:
             raise EncoderConfigError(
-                f"{self.name or self.family}: target_spacing_mm needs 3 values (D, H, W) and hu_window 2 "
-                f"(low, high); got {self.target_spacing_mm} and {self.hu_window}."
+                f"{self.name or self.family}: target_spacing_mm needs 3 values (D, H, W), hu_window and "
+                f"intensity_range 2 (low, high); got {self.target_spacing_mm}, {self.hu_window} and "
+                f"{self.intensity_range}."
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -173,6 +173,7 @@ def tiny_run_config(
             "labels": str(cohort["labels"]),
             "image_size": [16, 16, 16],
             "hu_window": [-175, 250],
+            "intensity_range": [-1, 1],
             "voco": "tiny" if "voco" in objectives else None,
             "batch_size": 4,
             "num_workers": 0,

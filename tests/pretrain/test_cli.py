@@ -42,10 +42,11 @@ def test_exported_encoder_and_clip_match_the_last_checkpoint(finished_run: Path,
         torch.testing.assert_close(tensor, checkpoint["state_dict"][f"encoder.{name}"], rtol=0, atol=0)
     from_ckpt = fm3d.load_encoder(finished_run / "checkpoints" / "last.ckpt")
     assert from_ckpt.config == encoder.config
-    # The config states the input the weights were trained on: the data module's window and
+    # The config states the input the weights were trained on: the data module's window, range and
     # the prepared cache's spacing, not the registry's defaults.
     (spacing,) = {tuple(s) for s in PreparedCache(demo_cohort["cache"]).index["spacing"].to_list()}
     assert encoder.config.hu_window == (-175.0, 250.0)
+    assert encoder.config.intensity_range == (-1.0, 1.0)
     assert encoder.config.target_spacing_mm == spacing == (3.0, 2.0, 2.0)
     clip = load_clip(finished_run / "export" / "clip")
     torch.testing.assert_close(

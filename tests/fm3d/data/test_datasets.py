@@ -19,7 +19,7 @@ from fm3d.data.datasets import (
     TableError,
     collate_samples,
     read_region,
-    to_unit,
+    scale_window,
 )
 from fm3d.data.demo import generate_demo_cohort
 from fm3d.data.prepare import prepare_cache
@@ -53,8 +53,21 @@ def test_read_region_touches_only_the_slab_and_pads_with_the_floor():
     expected[:, 2:4, 0:3] = np.clip(volume[1:3, 0:2, 3:6], -500, 1000) + 500
     np.testing.assert_array_equal(out, expected)
     assert out.dtype == np.int16
-    unit = to_unit(torch.from_numpy(out), (-500, 1000))
+    unit = scale_window(torch.from_numpy(out), (-500, 1000))
     torch.testing.assert_close(unit, torch.from_numpy(expected / 1500.0).float())
+
+
+def test_scale_window_to_minus_one_one_matches_monai():
+    hu = np.linspace(-1200, 400, 97, dtype=np.float32).reshape(1, 97)
+    shifted = read_region(np.rint(hu).astype(np.int16), (0, 0), (1, 97), hu_window=(-175, 250))
+    scaled = scale_window(torch.from_numpy(shifted), (-175, 250), (-1.0, 1.0))
+    reference = ScaleIntensityRange(a_min=-175.0, a_max=250.0, b_min=-1.0, b_max=1.0, clip=True)(np.rint(hu))
+    torch.testing.assert_close(scaled, torch.as_tensor(reference).float(), rtol=0, atol=1e-6)
+
+
+def test_empty_intensity_range_is_refused():
+    with pytest.raises(ValueError, match="intensity_range"):
+        SampleSpec(intensity_range=(1.0, 1.0))
 
 
 def test_fractional_window_is_refused():
@@ -84,6 +97,10 @@ def test_resized_global_view_and_padding(demo_cache: PreparedCache):
     assert ds[0]["image"].shape == (1, 16, 32, 32)
     padded = CTDataset(demo_cache, [sid], SampleSpec(image_size=(64, 96, 96)), train=False)[0]["image"]
     assert (padded[0, :8] == 0).all() and (padded[0, -8:] == 0).all()  # 48 slices centred in 64
+    # Padding is the window floor, so it reads the intensity range's low end.
+    spec = SampleSpec(image_size=(64, 96, 96), intensity_range=(-1.0, 1.0))
+    padded = CTDataset(demo_cache, [sid], spec, train=False)[0]["image"]
+    assert (padded[0, :8] == -1).all() and (padded[0, -8:] == -1).all()
 
 
 def test_voco_crops_are_slices_of_one_region_with_matching_labels(demo_cache: PreparedCache):
