@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The fm3d demo, end to end on CPU in a few minutes (what `make demo` runs):
-#   1. a synthetic cohort of 64 CT studies with reports and MEDS EHR   (fm3d demo-data)
+#   1. a synthetic cohort of 128 CT studies with reports and MEDS EHR   (fm3d demo-data)
 #   2. per-study phenotype and time-to-event labels from the EHR         (fm3d ehr labels)
 #   3. the prepared CT cache                                             (fm3d prepare)
 #   4. a from-scratch report tokenizer + tiny BERT (no download)         (fm3d.text.init_text_model)
@@ -19,7 +19,7 @@ demo=demo
 
 if [ ! -f "$demo/manifest.parquet" ]; then
   echo "== 1/5 demo cohort -> $demo/"
-  "$fm3d" demo-data --out "$demo" --studies 64 --seed 0
+  "$fm3d" demo-data --out "$demo" --studies 128 --seed 0
 fi
 if [ ! -f "$demo/ehr_labels.parquet" ]; then
   echo "== 2/5 EHR labels -> $demo/ehr_labels.parquet"

@@ -2,7 +2,7 @@
 from their reports well above chance and time-to-event risk ranks with a C-index above 0.6.
 
 The chain is the demo's (demo-data -> ehr labels -> prepare -> text model -> pretrain fit with
-demo.yaml), on a 64-study cohort in a temporary folder, with 40% of patients held out
+demo.yaml), on the demo's 128-study cohort in a temporary folder, with 40% of patients held out
 (validation split) so retrieval among them is a meaningful task. Image->report recall@5 is
 recomputed from the exported encoder and CLIP folders with fm3d.metrics.retrieval and must
 match what the run logged to MLflow.
@@ -33,15 +33,17 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.xfail(
-    strict=True,
-    reason="demo.yaml does not learn yet (issue 5; measurements in docs/pretraining.md, 'The demo'): "
-    "the from-scratch vit3d_tiny does not pick up the findings in a CPU demo's steps (held-out phenotype "
-    "AUROC 0.53 after 1,900 steps, a linear model on pooled voxels 0.63), and CLIP on its collapsed "
-    "pooled embeddings stays at ln(batch size) or memorises the training pairs",
+    raises=AssertionError,
+    strict=False,
+    reason="issue 5, measurements in docs/pretraining.md ('The demo'): held-out R@5 reaches about "
+    "twice chance (0.18-0.24 against 0.10), but the C-index ends at 0.52-0.58: vit3d_tiny does not "
+    "learn the lung nodules the time-to-event tasks hinge on in a CPU demo's steps. Not strict: both "
+    "figures sit near their thresholds, so a run can pass; any error other than the criteria's "
+    "assertions still fails",
 )
 def test_demo_run_retrieves_held_out_reports_and_ranks_risk(tmp_path: Path) -> None:
     demo = tmp_path / "demo"
-    assert fm3d_main(["demo-data", "--out", str(demo), "--studies", "64", "--seed", "0", "--quiet"]) == 0
+    assert fm3d_main(["demo-data", "--out", str(demo), "--studies", "128", "--seed", "0", "--quiet"]) == 0
     assert (
         fm3d_main(
             [
