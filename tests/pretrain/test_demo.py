@@ -5,7 +5,8 @@ The chain is the demo's (demo-data -> ehr labels -> prepare -> text model -> pre
 demo.yaml), on the demo's 128-study cohort in a temporary folder, with 40% of patients held out
 (validation split) so retrieval among them is a meaningful task. Image->report recall@5 is
 recomputed from the exported encoder and CLIP folders with fm3d.metrics.retrieval and must
-match what the run logged to MLflow.
+match what the run logged to MLflow. Until both figures are reached (issue 5) the test ends in
+an xfail that names them; the chain and the recomputation are asserted either way.
 """
 
 from __future__ import annotations
@@ -32,15 +33,6 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.xfail(
-    raises=AssertionError,
-    strict=False,
-    reason="issue 5, measurements in docs/pretraining.md ('The demo'): held-out R@5 reaches about "
-    "twice chance (0.18-0.24 against 0.10), but the C-index ends at 0.52-0.58: vit3d_tiny does not "
-    "learn the lung nodules the time-to-event tasks hinge on in a CPU demo's steps. Not strict: both "
-    "figures sit near their thresholds, so a run can pass; any error other than the criteria's "
-    "assertions still fails",
-)
 def test_demo_run_retrieves_held_out_reports_and_ranks_risk(tmp_path: Path) -> None:
     demo = tmp_path / "demo"
     assert fm3d_main(["demo-data", "--out", str(demo), "--studies", "128", "--seed", "0", "--quiet"]) == 0
@@ -130,5 +122,13 @@ def test_demo_run_retrieves_held_out_reports_and_ranks_risk(tmp_path: Path) -> N
     chance = 5 / held_out
     assert held_out >= 15
     assert recall5 == pytest.approx(logged["val/clip/i2t_R5"], abs=1e-4)
-    assert recall5 >= 2 * chance, f"R@5 {recall5:.3f} on {held_out} held-out studies, chance {chance:.3f}"
-    assert logged["val/tte/c_index"] > 0.6
+    unmet = []
+    if recall5 < 2 * chance:
+        unmet.append(f"R@5 {recall5:.3f} on {held_out} held-out studies, under twice chance ({chance:.3f})")
+    if logged["val/tte/c_index"] <= 0.6:
+        unmet.append(f"C-index {logged['val/tte/c_index']:.3f}, not above 0.6")
+    if unmet:
+        # Issue 5, measurements in docs/pretraining.md ('The demo'): R@5 ends near twice chance,
+        # the C-index at 0.52-0.58, as vit3d_tiny barely learns the lung nodules the time-to-event
+        # tasks hinge on in a CPU demo's steps. Everything above is still asserted.
+        pytest.xfail("the demo's learning criterion is not met yet: " + "; ".join(unmet))
