@@ -36,6 +36,7 @@ from torch import nn
 
 import fm3d
 from downstream.strategies import FinetuneStrategy, apply_strategy, merge_lora, parameter_groups
+from fm3d.data.datasets import scale_window
 
 logger = logging.getLogger(__name__)
 
@@ -79,15 +80,6 @@ def safe_name(name: str) -> str:
     become folders.
     """
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
-
-
-def normalize_hu(
-    image: torch.Tensor, hu_window: tuple[float, float], intensity_range: tuple[float, float] = (0.0, 1.0)
-) -> torch.Tensor:
-    """Clip HU to the encoder's window and scale it to its intensity range, as the encoder was trained."""
-    low, high = hu_window
-    out_low, out_high = intensity_range
-    return (image.clamp(low, high) - low) * ((out_high - out_low) / (high - low)) + out_low
 
 
 @dataclass
@@ -191,9 +183,15 @@ class DownstreamTask(L.LightningModule):
         """The HU window the encoder was trained with (its config's `hu_window`)."""
         return tuple(self.encoder.config.hu_window)
 
+    @property
+    def intensity_range(self) -> tuple[float, float]:
+        """What the encoder's window was scaled to in training (its config's `intensity_range`)."""
+        return tuple(self.encoder.config.intensity_range)
+
     def prepare_image(self, image: torch.Tensor) -> torch.Tensor:
-        """Model input from a batch's HU image [B, 1, D, H, W]."""
-        return normalize_hu(image.float(), self.hu_window, tuple(self.encoder.config.intensity_range))
+        """Model input from a batch's HU image [B, 1, D, H, W]: clipped and scaled as in pretraining."""
+        low, high = self.hu_window
+        return scale_window(image.float().clamp(low, high) - low, self.hu_window, self.intensity_range)
 
     def head_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """The task's own parameters (everything outside `self.encoder`), by name."""

@@ -86,7 +86,7 @@ class RetrievalTask(ClipEvalTask):
             settings = {
                 "image_size": list(getattr(datamodule, "image_size", ()) or ()),
                 "hu_window": list(self.hu_window),
-                "intensity_range": list(self.encoder.config.intensity_range),
+                "intensity_range": list(self.intensity_range),
                 "report_columns": list(getattr(datamodule, "report_columns", ()) or ()),
             }
             root = self.embedding_cache or Path(self.trainer.default_root_dir) / "embeddings"

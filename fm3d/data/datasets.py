@@ -193,11 +193,15 @@ def scale_window(
     intensity_range: tuple[float, float] = (0.0, 1.0),
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Window-shifted integers (0 .. high - low) to floats in `intensity_range` (into `out` when given)."""
+    """Window-shifted values (0 .. hi - lo) to floats in `intensity_range` (into `out` when given).
+
+    The one scaling of HU input in fm3d: the data loaders apply it to integer slabs, downstream
+    tasks (`DownstreamTask.prepare_image`) to clipped float batches on any device.
+    """
     lo, hi = hu_window
     low, high = intensity_range
     if out is None:
-        out = torch.empty(shifted.shape)
+        out = torch.empty(shifted.shape, device=shifted.device)
     # A converting copy then in-place arithmetic is ~3x faster than one promoting multiply on
     # strided integer input (measured with one thread).
     out.copy_(shifted).mul_((high - low) / (hi - lo))
