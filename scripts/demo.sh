@@ -24,7 +24,7 @@ fi
 if [ ! -f "$demo/ehr_labels.parquet" ]; then
   echo "== 2/5 EHR labels -> $demo/ehr_labels.parquet"
   "$fm3d" ehr labels --meds "$demo/meds" --studies "$demo/manifest.parquet" \
-    --phenotypes "$demo/phenotypes.yaml" --tasks-k 8 --out "$demo/ehr_labels.parquet"
+    --phenotypes "$demo/phenotypes.yaml" --out "$demo/ehr_labels.parquet"
 fi
 echo "== 3/5 prepared cache -> $demo/cache (resumes; up-to-date studies are skipped)"
 "$fm3d" prepare --manifest "$demo/manifest.parquet" --out "$demo/cache" --no-progress

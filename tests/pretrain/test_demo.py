@@ -5,8 +5,9 @@ The chain is the demo's (demo-data -> ehr labels -> prepare -> text model -> pre
 demo.yaml), on the demo's 128-study cohort in a temporary folder, with 40% of patients held out
 (validation split) so retrieval among them is a meaningful task. Image->report recall@5 is
 recomputed from the exported encoder and CLIP folders with fm3d.metrics.retrieval and must
-match what the run logged to MLflow. Until both figures are reached (issue 5) the test ends in
-an xfail that names them; the chain and the recomputation are asserted either way.
+match what the run logged to MLflow and be at least twice chance. The C-index clears 0.6 by
+little (0.577-0.642 over four seeds, docs/pretraining.md 'The demo'), so a run under it ends
+in an xfail that names the figure rather than a failure; everything else is asserted.
 """
 
 from __future__ import annotations
@@ -47,8 +48,6 @@ def test_demo_run_retrieves_held_out_reports_and_ranks_risk(tmp_path: Path) -> N
                 str(demo / "manifest.parquet"),
                 "--phenotypes",
                 str(demo / "phenotypes.yaml"),
-                "--tasks-k",
-                "8",
                 "--out",
                 str(demo / "ehr_labels.parquet"),
             ]
@@ -122,13 +121,10 @@ def test_demo_run_retrieves_held_out_reports_and_ranks_risk(tmp_path: Path) -> N
     chance = 5 / held_out
     assert held_out >= 15
     assert recall5 == pytest.approx(logged["val/clip/i2t_R5"], abs=1e-4)
-    unmet = []
-    if recall5 < 2 * chance:
-        unmet.append(f"R@5 {recall5:.3f} on {held_out} held-out studies, under twice chance ({chance:.3f})")
-    if logged["val/tte/c_index"] <= 0.6:
-        unmet.append(f"C-index {logged['val/tte/c_index']:.3f}, not above 0.6")
-    if unmet:
-        # Issue 5, measurements in docs/pretraining.md ('The demo'): R@5 ends near twice chance,
-        # the C-index at 0.52-0.58, as vit3d_tiny barely learns the lung nodules the time-to-event
-        # tasks hinge on in a CPU demo's steps. Everything above is still asserted.
-        pytest.xfail("the demo's learning criterion is not met yet: " + "; ".join(unmet))
+    assert recall5 >= 2 * chance, f"R@5 {recall5:.3f} on {held_out} held-out studies, chance {chance:.3f}"
+    c_index = logged["val/tte/c_index"]
+    if c_index <= 0.6:
+        # Issue 5, measurements in docs/pretraining.md ('The demo'): vit3d_tiny learns few of the
+        # small lung findings in a CPU demo's steps, and float summation order alone moves the
+        # C-index by a few hundredths around 0.6.
+        pytest.xfail(f"time-to-event C-index {c_index:.3f} on the held-out studies, not above 0.6")
