@@ -7,7 +7,7 @@ demo.yaml), on the demo's 128-study cohort in a temporary folder, with 40% of pa
 (validation split) so retrieval among them is a meaningful task. Image->report recall@5 is
 recomputed from the exported encoder and CLIP folders with fm3d.metrics.retrieval and must
 match what the run logged to MLflow. Both learning figures clear their lines by little on 50
-held-out studies (R@5 0.22-0.36 against 0.20, C-index 0.577-0.642 against 0.6 over six runs,
+held-out studies (R@5 0.22-0.36 against 0.20, C-index 0.577-0.642 against 0.6 over seven runs,
 docs/pretraining.md 'The demo'), and float summation order alone moves them between runs, so
 a run under a line ends in an xfail that names the figures rather than a failure; the chain
 and the recomputation are asserted either way.
