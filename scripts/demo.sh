@@ -10,16 +10,25 @@
 #   bash scripts/demo.sh [extra `fm3d pretrain fit` options, e.g. --trainer.max_epochs 2]
 #
 # Steps 1-4 write to demo/ (the paths conf/pretrain/demo.yaml reads) and are skipped when
-# their output exists, so a rerun only pretrains again; `rm -rf demo` starts over.
+# their output exists, so a rerun only pretrains again; `rm -rf demo` starts over. demo/
+# records the settings it was built with: a demo/ from other settings (an older version of
+# this script) is rebuilt, since demo.yaml's label widths follow these settings.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 fm3d=${FM3D:-fm3d}
 python=${PYTHON:-python}
 demo=demo
+cohort=(--studies 128 --seed 0)
+settings="demo-data ${cohort[*]}; ehr labels: every qualifying task"
 
+if [ -d "$demo" ] && [ "$(cat "$demo/.settings" 2>/dev/null)" != "$settings" ]; then
+  echo "== $demo/ was built with other settings; rebuilding it"
+  rm -rf "$demo"
+fi
 if [ ! -f "$demo/manifest.parquet" ]; then
   echo "== 1/5 demo cohort -> $demo/"
-  "$fm3d" demo-data --out "$demo" --studies 128 --seed 0
+  "$fm3d" demo-data --out "$demo" "${cohort[@]}"
+  echo "$settings" > "$demo/.settings"
 fi
 if [ ! -f "$demo/ehr_labels.parquet" ]; then
   echo "== 2/5 EHR labels -> $demo/ehr_labels.parquet"
