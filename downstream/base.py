@@ -37,6 +37,7 @@ from torch import nn
 import fm3d
 from downstream.strategies import FinetuneStrategy, apply_strategy, merge_lora, parameter_groups
 from fm3d.data.datasets import scale_window
+from fm3d.errors import Fm3dError
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ logger = logging.getLogger(__name__)
 MERGED_ENCODER_KEY = "fm3d_encoder_state_dict"
 
 
-class EncoderSpecError(ValueError):
+class EncoderSpecError(Fm3dError, ValueError):
     """An `encoder` argument that is neither a module, an existing path nor a known encoder name."""
 
 

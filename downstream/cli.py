@@ -34,13 +34,14 @@ from downstream.tasks.decoders import DecoderConfigError
 from downstream.tasks.projector import ProjectorConfigError
 from downstream.tasks.prompts import PromptSetError
 from fm3d.data.errors import CacheError
+from fm3d.errors import Fm3dError
 
 MLFLOW_DB = "mlflow.db"
 MLFLOW_ARTIFACTS = "mlartifacts"
 EXPERIMENT_NAME = "fm3d-downstream"
 
 
-class FinetuneError(RuntimeError):
+class FinetuneError(Fm3dError, RuntimeError):
     """A `fm3d finetune` invocation that cannot start (no task named, unreadable config)."""
 
 

@@ -33,6 +33,7 @@ from ehr.errors import TaskSpecError
 from ehr.labels import read_label_description
 from fm3d.data.cache import PreparedCache
 from fm3d.data.split import SPLITS, split_studies
+from fm3d.errors import Fm3dError
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ AIR_HU = -1024.0
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
 
 
-class TaskDataError(ValueError):
+class TaskDataError(Fm3dError, ValueError):
     """A label table or split that does not fit the prepared cache (names the file and the fix)."""
 
 

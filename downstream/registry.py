@@ -14,6 +14,8 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any, TypeVar
 
+from fm3d.errors import Fm3dError
+
 logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "fm3d.tasks"
@@ -32,7 +34,7 @@ _TASKS: dict[str, type] = {}
 T = TypeVar("T", bound=type)
 
 
-class TaskRegistryError(LookupError):
+class TaskRegistryError(Fm3dError, LookupError):
     """A task name that is unknown, registered twice, or whose entry point cannot be loaded."""
 
 

@@ -23,6 +23,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from fm3d.errors import Fm3dError
+
 logger = logging.getLogger(__name__)
 
 StrategyName = Literal["frozen", "full", "lora"]
@@ -33,7 +35,7 @@ STRATEGIES: tuple[str, ...] = ("frozen", "full", "lora")
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2", "linear1", "linear2")
 
 
-class StrategyError(ValueError):
+class StrategyError(Fm3dError, ValueError):
     """A fine-tune strategy that cannot be applied to the given encoder."""
 
 

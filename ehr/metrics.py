@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from fm3d.errors import Fm3dError
+
 _BLOCK = 1024  # event rows compared against all samples at once
 
 
-class SurvivalMetricError(ValueError):
+class SurvivalMetricError(Fm3dError, ValueError):
     """Inputs a survival metric cannot be computed from (no comparable pairs, bad shapes, times)."""
 
 

@@ -23,13 +23,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fm3d.errors import Fm3dError
 from fm3d.text import TextTower
 
 LOSSES = ("infonce", "siglip")
 MAX_LOGIT_SCALE = 100.0  # CLIP's clamp on exp(logit_scale)
 
 
-class ClipLoadError(RuntimeError):
+class ClipLoadError(Fm3dError, RuntimeError):
     """A CLIP folder that cannot be read back (missing or inconsistent files)."""
 
 

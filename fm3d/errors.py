@@ -1,11 +1,19 @@
-"""The base of fm3d's input errors: a file, what is wrong with it, and what to do."""
+"""The root of fm3d's errors, and the base of its input errors (a file, what is wrong, what to do)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 
-class PathError(Exception):
+class Fm3dError(Exception):
+    """Every error fm3d raises on purpose derives from this, so a CLI catches one type.
+
+    Concrete families also derive from the builtin they refine (ValueError, RuntimeError, ...),
+    so callers that catch those keep working.
+    """
+
+
+class PathError(Fm3dError):
     """An input file or folder that cannot be used; the message names it, the problem and the fix.
 
     Subclasses are the failure families (CT data, EHR); they stay picklable so worker

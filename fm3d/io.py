@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fm3d.errors import Fm3dError
 from fm3d.models.registry import encoder_from_config
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ CKPT_PREFIX = "encoder."
 CKPT_MERGED_KEY = "fm3d_encoder_state_dict"
 
 
-class EncoderLoadError(RuntimeError):
+class EncoderLoadError(Fm3dError, RuntimeError):
     """An encoder file or folder that cannot be read or does not match its config."""
 
 

@@ -19,13 +19,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fm3d.errors import Fm3dError
+
 logger = logging.getLogger(__name__)
 
 POOLINGS = ("cls", "mean")
 _WHITESPACE = re.compile(r"\s+")
 
 
-class TextTowerError(RuntimeError):
+class TextTowerError(Fm3dError, RuntimeError):
     """A text model or tokenizer that cannot be loaded, or a setting it cannot use."""
 
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import fm3d
+from fm3d.errors import Fm3dError
 from fm3d.models.encoder import EncoderOutput
 from pretrain.optim import OptimizerSettings, build_optimizer
 
@@ -33,7 +34,7 @@ ObjectiveFactory = Callable[[int], nn.Module]
 _DATA_SIZES = ("num_phenotypes", "num_tasks")
 
 
-class PretrainConfigError(ValueError):
+class PretrainConfigError(Fm3dError, ValueError):
     """A pretraining run is configured inconsistently (objectives, data, weights, checkpoints)."""
 
 

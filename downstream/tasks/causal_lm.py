@@ -19,12 +19,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from fm3d.errors import Fm3dError
+
 logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
 
-class LanguageModelError(RuntimeError):
+class LanguageModelError(Fm3dError, RuntimeError):
     """A causal LM or tokenizer that cannot be loaded or adapted."""
 
 

@@ -16,9 +16,10 @@ from torch import nn
 from downstream.base import DownstreamTask
 from downstream.strategies import FinetuneStrategy
 from fm3d.clip import ClipModel, load_clip
+from fm3d.errors import Fm3dError
 
 
-class LanguageTaskError(ValueError):
+class LanguageTaskError(Fm3dError, ValueError):
     """A language task asked to do what it cannot (train a zero-shot task, mismatched CLIP, missing LM)."""
 
 

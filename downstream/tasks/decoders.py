@@ -18,10 +18,11 @@ import torch
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 from torch import nn
 
+from fm3d.errors import Fm3dError
 from fm3d.models.encoder import EncoderOutput
 
 
-class DecoderConfigError(ValueError):
+class DecoderConfigError(Fm3dError, ValueError):
     """An encoder whose geometry the decoder cannot follow (e.g. a patch size that is not 2^k)."""
 
 

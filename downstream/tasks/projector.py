@@ -20,10 +20,12 @@ from typing import Literal
 import torch
 from torch import nn
 
+from fm3d.errors import Fm3dError
+
 PROJECTORS = ("spatial_pool", "perceiver")
 
 
-class ProjectorConfigError(ValueError):
+class ProjectorConfigError(Fm3dError, ValueError):
     """Projector settings that cannot work (unknown kind, heads not dividing the width, empty grid)."""
 
 

@@ -30,6 +30,7 @@ import torch
 import yaml
 
 from fm3d.clip import ClipModel
+from fm3d.errors import Fm3dError
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ PROMPT_DIR = Path(__file__).resolve().parents[1] / "prompts"
 CT_CLIP_TEMPLATES: tuple[tuple[str, str], ...] = (("{finding} is present.", "{finding} is not present."),)
 
 
-class PromptSetError(ValueError):
+class PromptSetError(Fm3dError, ValueError):
     """A prompt set that cannot be read or does not cover the findings asked for."""
 
 

@@ -26,11 +26,12 @@ from downstream.registry import register_task
 from downstream.strategies import FinetuneStrategy
 from ehr.metrics import SurvivalMetricError, harrell_c, integrated_brier_score
 from ehr.tte import PiecewiseExponentialHead, fit_bin_edges
+from fm3d.errors import Fm3dError
 
 logger = logging.getLogger(__name__)
 
 
-class SurvivalSetupError(RuntimeError):
+class SurvivalSetupError(Fm3dError, RuntimeError):
     """The survival head cannot be built (no bin edges given and no training events to fit them)."""
 
 

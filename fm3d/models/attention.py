@@ -29,12 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fm3d.errors import Fm3dError
+
 BACKENDS = ("xformers", "sdpa", "math")
 ENV_VAR = "FM3D_ATTENTION_BACKEND"
 _XFORMERS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-class AttentionBackendError(RuntimeError):
+class AttentionBackendError(Fm3dError, RuntimeError):
     """A requested attention backend that is unknown or cannot run on the given tensors."""
 
 

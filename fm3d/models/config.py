@@ -12,12 +12,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+from fm3d.errors import Fm3dError
 
-class EncoderConfigError(ValueError):
+
+class EncoderConfigError(Fm3dError, ValueError):
     """A configuration value or override that cannot build an encoder."""
 
 
-class EncoderInputError(ValueError):
+class EncoderInputError(Fm3dError, ValueError):
     """An input volume whose shape the encoder cannot take (wrong rank or not divisible)."""
 
 

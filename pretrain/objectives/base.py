@@ -28,10 +28,11 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from fm3d.errors import Fm3dError
 from fm3d.models.encoder import EncoderOutput
 
 
-class ObjectiveError(ValueError):
+class ObjectiveError(Fm3dError, ValueError):
     """A batch or a setting an objective cannot work with (missing key, wrong shape, bad option)."""
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fm3d.errors import Fm3dError
 from fm3d.models.registry import create_encoder
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ WRAPPER_KEYS = ("state_dict", "network_weights", "net", "model")
 _SHOWN = 12
 
 
-class PeerWeightsError(ValueError):
+class PeerWeightsError(Fm3dError, ValueError):
     """A peer checkpoint whose keys or shapes do not cover an fm3d encoder (or cannot be recognised)."""
 
 
