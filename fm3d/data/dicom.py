@@ -20,7 +20,8 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from fm3d.data.errors import VolumeReadError
-from fm3d.data.io import Volume, spacing_of
+from fm3d.data.io import Volume
+from fm3d.data.limits import ReadLimits, check_array_bytes, check_body_size, check_geometry
 
 logger = logging.getLogger(__name__)
 
@@ -47,13 +48,14 @@ class _Slice:
     pixels: Callable[[], np.ndarray]  # [rows, cols] stored values, decoded on demand
 
 
-def read_dicom(path: Path, *, series_uid: str | None = None) -> Volume:
+def read_dicom(path: Path, *, series_uid: str | None = None, limits: ReadLimits | None = None) -> Volume:
     """Read a DICOM CT from a folder (one series, or the one `series_uid` names) or one file."""
+    limits = limits or ReadLimits()
     if path.is_dir():
-        files = _series_files(path, series_uid)
+        files = series_files(path, series_uid)
         if len(files) == 1:
-            return read_dicom(files[0], series_uid=series_uid)
-        return _classic(path, files)
+            return read_dicom(files[0], series_uid=series_uid, limits=limits)
+        return _classic(path, files, limits)
     dataset = _read(path, header_only=False)
     if series_uid is not None and dataset.get("SeriesInstanceUID") != series_uid:
         raise VolumeReadError(
@@ -62,8 +64,8 @@ def read_dicom(path: Path, *, series_uid: str | None = None) -> Volume:
             "check the series UID",
         )
     if int(dataset.get("NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in dataset:
-        return _enhanced(path, dataset)
-    return _classic(path, [path], datasets=[dataset])
+        return _enhanced(path, dataset, limits)
+    return _classic(path, [path], limits, datasets=[dataset])
 
 
 def _read(path: Path, *, header_only: bool) -> Dataset:
@@ -87,8 +89,11 @@ def _read(path: Path, *, header_only: bool) -> Dataset:
     return dataset
 
 
-def _series_files(folder: Path, series_uid: str | None) -> list[Path]:
-    """The files of the one series to read, after grouping the folder's DICOM files by series."""
+def series_files(folder: Path, series_uid: str | None) -> list[Path]:
+    """The files of the one series to read, after grouping the folder's DICOM files by series.
+
+    Only headers are read, so this is also how a cache learns which files a study depends on.
+    """
     series: dict[str, list[Path]] = {}
     descriptions: dict[str, str] = {}
     for file in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
@@ -136,7 +141,9 @@ def _check_ct(path: Path, dataset: Dataset) -> None:
         )
 
 
-def _classic(source: Path, files: list[Path], datasets: list[Dataset] | None = None) -> Volume:
+def _classic(
+    source: Path, files: list[Path], limits: ReadLimits, datasets: list[Dataset] | None = None
+) -> Volume:
     """Stack single-frame CT images (one per file) into a volume."""
     datasets = datasets or [_read(f, header_only=False) for f in files]
     slices = []
@@ -148,28 +155,86 @@ def _classic(source: Path, files: list[Path], datasets: list[Dataset] | None = N
                 f"is a multi-frame image among {len(files)} files of one series",
                 "point image_path at one multi-frame file, not at their folder",
             )
+        if (ds.get("Rows"), ds.get("Columns")) != (datasets[0].get("Rows"), datasets[0].get("Columns")):
+            raise VolumeReadError(
+                file,
+                f"is {ds.get('Rows')} x {ds.get('Columns')} pixels where {files[0].name} is "
+                f"{datasets[0].get('Rows')} x {datasets[0].get('Columns')}",
+                "a series must be one stack of equal slices; pick one series",
+            )
         for key in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
             if key not in ds:
                 raise VolumeReadError(
                     file, f"lacks {key}, so its slice cannot be placed", "the file is not a usable CT image"
                 )
         slices.append(
-            _Slice(
-                position=np.asarray(ds.ImagePositionPatient, dtype=np.float64),
-                orientation=np.asarray(ds.ImageOrientationPatient, dtype=np.float64),
-                pixel_spacing=(float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])),
-                thickness=_thickness(ds),
-                slope=float(ds.get("RescaleSlope", 1.0)),
-                intercept=float(ds.get("RescaleIntercept", 0.0)),
-                pixels=lambda file=file, ds=ds: _decode(file, ds),
+            _checked(
+                file,
+                _Slice(
+                    position=_numbers(file, ds.ImagePositionPatient, 3, "ImagePositionPatient"),
+                    orientation=_numbers(file, ds.ImageOrientationPatient, 6, "ImageOrientationPatient"),
+                    pixel_spacing=tuple(_numbers(file, ds.PixelSpacing, 2, "PixelSpacing")),
+                    thickness=_thickness(ds),
+                    slope=float(ds.get("RescaleSlope", 1.0)),
+                    intercept=float(ds.get("RescaleIntercept", 0.0)),
+                    pixels=lambda file=file, ds=ds: _decode(file, ds),
+                ),
             )
         )
     first = datasets[0]
     meta = _meta(source, first, "dicom", len(slices))
-    return _stack(source, slices, meta)
+    return _stack(source, slices, meta, _grid(first, len(slices)), limits)
 
 
-def _enhanced(path: Path, ds: Dataset) -> Volume:
+def _numbers(file: Path, value: object, count: int, key: str) -> np.ndarray:
+    """A multi-valued decimal attribute as `count` floats, or an error naming the file and attribute."""
+    try:
+        numbers = np.asarray(value, dtype=np.float64).ravel()
+    except (TypeError, ValueError) as exc:
+        raise VolumeReadError(
+            file, f"has a {key} that is not numbers ({value!r})", "re-export the series"
+        ) from exc
+    if numbers.size != count:
+        raise VolumeReadError(
+            file, f"has {numbers.size} values in {key}, not {count}", "re-export the series"
+        )
+    return numbers
+
+
+def _checked(file: Path, s: _Slice) -> _Slice:
+    """Refuse a slice whose placement cannot be trusted, naming the file, before it joins the stack."""
+    if not (np.isfinite(s.position).all() and np.isfinite(s.orientation).all()):
+        raise VolumeReadError(
+            file,
+            "has NaN or infinite ImagePositionPatient or ImageOrientationPatient",
+            "repair the series' geometry; fm3d will not guess where the slice lies",
+        )
+    row, col = s.orientation[:3], s.orientation[3:]
+    lengths = np.linalg.norm(row), np.linalg.norm(col)
+    if min(lengths) < 0.9 or max(lengths) > 1.1 or abs(float(row @ col)) > 0.1:
+        raise VolumeReadError(
+            file,
+            f"has a degenerate ImageOrientationPatient {list(s.orientation)}: the row and column directions "
+            "must be perpendicular unit vectors",
+            "repair the series' orientation (re-export it from the scanner or PACS)",
+        )
+    spacing = s.pixel_spacing
+    if not all(np.isfinite(v) and v > 0 for v in spacing):
+        raise VolumeReadError(
+            file,
+            f"has PixelSpacing {list(spacing)}, not two positive mm values",
+            "repair PixelSpacing; fm3d will not assume 1 mm",
+        )
+    return s
+
+
+def _grid(ds: Dataset, frames: int) -> tuple[tuple[int, int, int], int]:
+    """The declared [frames, rows, columns] and bytes per stored sample, read before any pixel is decoded."""
+    bits = int(ds.get("BitsAllocated", 16) or 16)
+    return (frames, int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)), max(1, bits // 8)
+
+
+def _enhanced(path: Path, ds: Dataset, limits: ReadLimits) -> Volume:
     """Stack the frames of a multi-frame Enhanced CT using its functional groups."""
     _check_ct(path, ds)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -211,17 +276,22 @@ def _enhanced(path: Path, ds: Dataset) -> Volume:
             )
         rescale = group(i, "PixelValueTransformationSequence") or ds
         slices.append(
-            _Slice(
-                position=np.asarray(position.ImagePositionPatient, dtype=np.float64),
-                orientation=np.asarray(orientation.ImageOrientationPatient, dtype=np.float64),
-                pixel_spacing=(float(measures.PixelSpacing[0]), float(measures.PixelSpacing[1])),
-                thickness=_thickness(measures),
-                slope=float(rescale.get("RescaleSlope", 1.0)),
-                intercept=float(rescale.get("RescaleIntercept", 0.0)),
-                pixels=lambda i=i: all_frames()[i],
+            _checked(
+                path,
+                _Slice(
+                    position=_numbers(path, position.ImagePositionPatient, 3, "ImagePositionPatient"),
+                    orientation=_numbers(
+                        path, orientation.ImageOrientationPatient, 6, "ImageOrientationPatient"
+                    ),
+                    pixel_spacing=tuple(_numbers(path, measures.PixelSpacing, 2, "PixelSpacing")),
+                    thickness=_thickness(measures),
+                    slope=float(rescale.get("RescaleSlope", 1.0)),
+                    intercept=float(rescale.get("RescaleIntercept", 0.0)),
+                    pixels=lambda i=i: all_frames()[i],
+                ),
             )
         )
-    return _stack(path, slices, _meta(path, ds, "dicom-enhanced", frames))
+    return _stack(path, slices, _meta(path, ds, "dicom-enhanced", frames), _grid(ds, frames), limits)
 
 
 def _thickness(ds: Dataset) -> float | None:
@@ -233,6 +303,10 @@ def _thickness(ds: Dataset) -> float | None:
 
 
 def _decode(path: Path, ds: Dataset) -> np.ndarray:
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if "PixelData" in ds and syntax is not None and not getattr(syntax, "is_compressed", True):
+        (frames, rows, cols), itemsize = _grid(ds, int(ds.get("NumberOfFrames", 1) or 1))
+        check_body_size(path, frames * rows * cols * itemsize, len(ds.PixelData))
     try:
         return ds.pixel_array
     except Exception as exc:  # decoders raise RuntimeError, ValueError, NotImplementedError ...
@@ -245,8 +319,18 @@ def _decode(path: Path, ds: Dataset) -> np.ndarray:
         ) from exc
 
 
-def _stack(source: Path, slices: list[_Slice], meta: dict) -> Volume:
-    """Order slices along their normal, check the geometry is one regular grid, and stack in HU."""
+def _stack(
+    source: Path,
+    slices: list[_Slice],
+    meta: dict,
+    grid: tuple[tuple[int, int, int], int],
+    limits: ReadLimits,
+) -> Volume:
+    """Order slices along their normal, check the geometry is one regular grid, and stack in HU.
+
+    `grid` is the declared ([frames, rows, columns], bytes per sample) of one file; the stacked
+    volume is checked against the memory budget before any pixel is decoded.
+    """
     orientation = slices[0].orientation
     for s in slices[1:]:
         if not np.allclose(s.orientation, orientation, atol=1e-4):
@@ -271,22 +355,33 @@ def _stack(source: Path, slices: list[_Slice], meta: dict) -> Volume:
     affine[:3, 2] = step_vector
     affine[:3, 3] = slices[0].position
     affine = _LPS_TO_RAS @ affine
+    spacing = check_geometry(source, affine)
 
-    raw = np.stack([s.pixels() for s in slices])  # [k, rows, cols]
     slopes = np.array([s.slope for s in slices])
     intercepts = np.array([s.intercept for s in slices])
-    if np.all(slopes == 1.0) and np.all(intercepts == np.round(intercepts)):
+    exact = bool(np.all(slopes == 1.0) and np.all(intercepts == np.round(intercepts)))
+    (_, rows, cols), itemsize = grid
+    # The stored samples plus the HU array (int32, or float64 before the float32 result).
+    check_array_bytes(source, (len(slices), rows, cols), itemsize + (4 if exact else 12), limits, "a volume")
+    raw = np.stack([s.pixels() for s in slices])  # [k, rows, cols]
+    if exact:
         hu = raw.astype(np.int32) + intercepts.astype(np.int32)[:, None, None]  # exact integer HU
     else:
         hu = (raw.astype(np.float64) * slopes[:, None, None] + intercepts[:, None, None]).astype(np.float32)
     array = np.ascontiguousarray(hu.transpose(2, 1, 0))  # [i = column, j = row, k = slice]
-    return Volume(array=array, affine=affine, spacing=spacing_of(affine), meta=meta)
+    return Volume(array=array, affine=affine, spacing=spacing, meta=meta)
 
 
 def _slice_step(source: Path, slices: list[_Slice], heights: np.ndarray, normal: np.ndarray) -> np.ndarray:
     """The world-space vector from one slice to the next, after refusing gaps and uneven steps."""
     if len(slices) == 1:
-        thickness = slices[0].thickness or 1.0
+        thickness = slices[0].thickness
+        if thickness is None:
+            raise VolumeReadError(
+                source,
+                "is a single slice without SliceThickness or SpacingBetweenSlices, so its depth is unknown",
+                "add the series' other slices, or the slice thickness; fm3d will not assume 1 mm",
+            )
         logger.debug("%s has one slice; using %.3f mm along the normal", source, thickness)
         return normal * thickness
     gaps = np.diff(heights)

@@ -6,7 +6,7 @@ message is usually looking at one bad study among thousands.
 
 from __future__ import annotations
 
-from fm3d.errors import PathError
+from fm3d.errors import Fm3dError, PathError
 
 
 class DataError(PathError):
@@ -23,3 +23,10 @@ class CacheError(DataError):
 
 class ManifestError(DataError):
     """A `fm3d prepare` manifest lacks required columns or has unusable rows."""
+
+
+class SettingsError(Fm3dError, ValueError):
+    """Preparation settings (target spacing, HU window, memory budget) that cannot work.
+
+    Raised before any file is read, so a typo in a command line costs no work.
+    """

@@ -11,6 +11,7 @@ the original file's grid (`invert_preprocessing`).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -19,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from nibabel import orientations
 
+from fm3d.data.errors import SettingsError, VolumeReadError
 from fm3d.data.io import Volume
+from fm3d.data.limits import MAX_SPACING_MM, MIN_SPACING_MM, ReadLimits, check_array_bytes
 
 RECORD_VERSION = 1
 # A spacing this close to the target (mm) is left alone, so already-prepared data is copied exactly.
@@ -36,14 +39,22 @@ class PreprocessSettings:
     hu_window: tuple[float, float] = (-1000.0, 1000.0)
 
     def __post_init__(self) -> None:
-        if len(self.target_spacing_mm) != 3 or min(self.target_spacing_mm) <= 0:
-            raise ValueError(
-                f"target_spacing_mm must be three positive mm values (D, H, W), got {self.target_spacing_mm}"
+        spacing = self.target_spacing_mm
+        if len(spacing) != 3 or not all(
+            math.isfinite(s) and MIN_SPACING_MM <= s <= MAX_SPACING_MM for s in spacing
+        ):
+            raise SettingsError(
+                f"target spacing must be three mm values (D, H, W) between {MIN_SPACING_MM} and "
+                f"{MAX_SPACING_MM}, got {tuple(spacing)}"
             )
+        if len(self.hu_window) != 2:
+            raise SettingsError(f"HU window must be (low, high), got {tuple(self.hu_window)}")
         lo, hi = self.hu_window
+        # `not lo < hi` is also true for NaN.
         if not lo < hi or lo < np.iinfo(np.int16).min or hi > np.iinfo(np.int16).max:
-            raise ValueError(
-                f"hu_window must be (low, high) with low < high inside int16, got {self.hu_window}"
+            raise SettingsError(
+                f"HU window must be (low, high) with low < high inside int16 (-32768..32767), "
+                f"got {tuple(self.hu_window)}"
             )
 
     def to_dict(self) -> dict[str, list[float]]:
@@ -164,15 +175,31 @@ def resampled_affine(
 
 
 def preprocess(
-    volume: Volume, settings: PreprocessSettings | None = None, *, label: Volume | None = None
+    volume: Volume,
+    settings: PreprocessSettings | None = None,
+    *,
+    label: Volume | None = None,
+    limits: ReadLimits | None = None,
 ) -> PreparedVolume:
-    """Bring a CT (and its label map, on the same grid) to fm3d's canonical prepared form."""
+    """Bring a CT (and its label map, on the same grid) to fm3d's canonical prepared form.
+
+    The resampled grid is checked against `limits.max_array_bytes` before it is allocated,
+    so a header with a huge spacing cannot turn into a huge array.
+    """
     settings = settings or PreprocessSettings()
+    limits = limits or ReadLimits()
     if label is not None:
         _check_same_grid(volume, label)
     canonical, canonical_affine, ornt = to_canonical(volume.array, volume.affine)
     canonical_spacing = tuple(float(x) for x in np.linalg.norm(canonical_affine[:3, :3], axis=0))
     shape = resampled_shape(canonical.shape, canonical_spacing, settings.target_spacing_mm)
+    check_array_bytes(
+        volume.meta.get("source", "volume"),
+        shape,
+        4,  # the float32 interpolation output, the largest array resampling allocates
+        limits,
+        f"a resampled grid at {list(settings.target_spacing_mm)} mm",
+    )
     lo, hi = settings.hu_window
     # Clip before interpolating so out-of-window values (e.g. -3024 outside the scan circle)
     # cannot drag in-window edges; interpolation of clipped values stays inside the window.
@@ -223,8 +250,6 @@ def invert_preprocessing(
 def _check_same_grid(volume: Volume, label: Volume) -> None:
     same_shape = tuple(volume.array.shape) == tuple(label.array.shape)
     if not same_shape or not np.allclose(volume.affine, label.affine, atol=1e-2):
-        from fm3d.data.errors import VolumeReadError
-
         raise VolumeReadError(
             label.meta.get("source", "label"),
             f"is not on the image's grid (label shape {label.array.shape} vs image {volume.array.shape}, "

@@ -208,7 +208,9 @@ def test_truncated_and_corrupt_files(series_dir: Path, tmp_path: Path) -> None:
     raw = (series_dir / "01.dcm").read_bytes()
     (tmp_path / "cut.dcm").write_bytes(raw[: len(raw) // 2])  # header intact, pixel data cut short
     with pytest.raises(
-        VolumeReadError, match=r"cut\.dcm: pixel data is truncated, corrupt or cannot be decoded"
+        VolumeReadError,
+        match=r"cut\.dcm: is truncated or corrupt: its header declares 512\.0 KiB of voxel data "
+        r"but the file holds only 254\.9 KiB",
     ):
         read_volume(tmp_path / "cut.dcm")
     (tmp_path / "noise.dcm").write_bytes(b"\0" * 128 + b"DICM" + bytes(range(256)) * 4)

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from fm3d.data.errors import VolumeReadError
+from fm3d.data.errors import SettingsError, VolumeReadError
 from fm3d.data.io import Volume, read_label, read_volume, spacing_of
 from fm3d.data.preprocess import (
     PreprocessRecord,
@@ -158,7 +158,9 @@ def test_label_on_another_grid_is_refused(ts) -> None:
 
 
 def test_settings_are_checked() -> None:
-    with pytest.raises(ValueError, match="target_spacing_mm must be three positive"):
-        PreprocessSettings((1.0, 0.0, 1.0))
-    with pytest.raises(ValueError, match="hu_window must be"):
-        PreprocessSettings(hu_window=(100, -100))
+    for spacing in [(1.0, 0.0, 1.0), (1.0, float("nan"), 1.0), (-1.0, 1.0, 1.0), (1.0, 1.0, 500.0)]:
+        with pytest.raises(SettingsError, match=r"target spacing must be three mm values .* got \("):
+            PreprocessSettings(spacing)
+    for window in [(100, -100), (0, 0), (float("nan"), 100), (-1000, float("inf"))]:
+        with pytest.raises(SettingsError, match="HU window must be"):
+            PreprocessSettings(hu_window=window)
