@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fm3d-installed
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint docs
 
 setup: $(STAMP)
 
@@ -27,3 +27,7 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check .
+
+# The docs site into site/, warnings as errors as in CI (tests/test_docs_site.py).
+docs: setup
+	$(BIN)/mkdocs build --strict --site-dir site

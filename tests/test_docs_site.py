@@ -1,0 +1,115 @@
+"""The docs site: `mkdocs build --strict` of docs/ (CI builds it here, as `make docs` does).
+
+A broken link, a page left out of the nav, or an API entry naming a function that was renamed
+fails this suite, not only a later docs deploy.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import fm3d
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DOCS = REPO_ROOT / "docs"
+CONFIG = REPO_ROOT / "mkdocs.yml"
+
+
+def _mkdocs_build(config: Path, site: Path) -> subprocess.CompletedProcess[str]:
+    """`mkdocs build --strict` of `config` into `site`, run from the repo root like `make docs`."""
+    return subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(config), "--site-dir", str(site)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _nav_pages(nav: list[Any]) -> set[str]:
+    """Every page path the nav names, however deeply nested."""
+    pages: set[str] = set()
+    for entry in nav:
+        value = next(iter(entry.values())) if isinstance(entry, dict) else entry
+        pages |= _nav_pages(value) if isinstance(value, list) else {value}
+    return pages
+
+
+def test_nav_names_every_page() -> None:
+    """Each docs/**/*.md is in mkdocs.yml's nav, and each nav entry is a file."""
+    nav = _nav_pages(yaml.safe_load(CONFIG.read_text())["nav"])
+    pages = {path.relative_to(DOCS).as_posix() for path in DOCS.rglob("*.md")}
+    assert not pages - nav, f"pages missing from the nav of {CONFIG}: add them: {sorted(pages - nav)}"
+    assert not nav - pages, f"{CONFIG} nav names pages that do not exist: {sorted(nav - pages)}"
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The site as CI builds it; the build must pass with warnings as errors."""
+    site = tmp_path_factory.mktemp("site")
+    result = _mkdocs_build(CONFIG, site)
+    assert result.returncode == 0, f"mkdocs build --strict failed:\n{result.stderr[-6000:]}"
+    return site
+
+
+def test_site_has_every_page(site: Path) -> None:
+    for page in DOCS.rglob("*.md"):
+        assert (site / page.relative_to(DOCS).with_suffix(".html")).is_file(), page
+
+
+def test_api_reference_documents_the_public_face(site: Path) -> None:
+    """Every name in `fm3d.__all__` (but the version string) has its own entry on the API page."""
+    html = (site / "api" / "fm3d.html").read_text()
+    for name in fm3d.__all__:
+        if name != "__version__":
+            assert f'id="fm3d.{name}"' in html, f"docs/api/fm3d.md has no entry for fm3d.{name}"
+
+
+def test_docstring_fields_render_as_lists(site: Path) -> None:
+    """The house `name: text` docstring fields come out as list items with the name as code,
+    and a literal `<run>` in a docstring is shown, not swallowed as an HTML tag."""
+    fm3d_page = (site / "api" / "fm3d.html").read_text()
+    assert "<li><code>tokens</code>: [B, N, C]" in fm3d_page  # EncoderOutput's fields
+    downstream_page = (site / "api" / "downstream.html").read_text()
+    assert "<li><code>lora_rank</code>, <code>lora_alpha</code>" in downstream_page  # a multi-name field
+    assert "&lt;run&gt;/predictions" in downstream_page  # SegmentationTask.prediction_dir
+
+
+def _broken_copy(tmp_path: Path, edits: dict[str, str]) -> Path:
+    """A copy of docs/ and mkdocs.yml under `tmp_path` with `edits` (page -> text appended)."""
+    docs = tmp_path / "docs"
+    for source in DOCS.rglob("*"):
+        if source.is_file():
+            target = docs / source.relative_to(DOCS)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(source.read_bytes())
+    for page, text in edits.items():
+        with (docs / page).open("a") as file:
+            file.write(text)
+    config = tmp_path / "mkdocs.yml"
+    # docs_dir and the code's search path are read relative to the config file: point them back.
+    text = CONFIG.read_text().replace("docs_dir: docs", f"docs_dir: {docs}", 1)
+    config.write_text(text.replace("paths: [.]", f"paths: [{REPO_ROOT}]", 1))
+    return config
+
+
+def test_broken_link_and_unlisted_page_fail_the_build(tmp_path: Path) -> None:
+    edits = {"index.md": "\nSee [the old page](no-such-page.md).\n", "stray.md": "# Stray\n"}
+    config = _broken_copy(tmp_path, edits)
+    result = _mkdocs_build(config, tmp_path / "site")
+    assert result.returncode != 0
+    assert "no-such-page.md" in result.stderr and "index.md" in result.stderr
+    assert "stray.md" in result.stderr
+
+
+def test_renamed_function_fails_the_build(tmp_path: Path) -> None:
+    config = _broken_copy(tmp_path, {"api/fm3d.md": "\n::: fm3d.create_encoder_renamed\n"})
+    result = _mkdocs_build(config, tmp_path / "site")
+    assert result.returncode != 0
+    assert "fm3d.create_encoder_renamed" in result.stderr
