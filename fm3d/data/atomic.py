@@ -68,24 +68,48 @@ def _files_of(path: Path) -> list[Path]:
     return [path]
 
 
-def content_hash(path: str | Path) -> str:
-    """BLAKE2b of a file's bytes, or of a folder's files (relative names and bytes, in sorted order)."""
-    root = Path(path)
+def content_hash(files: list[Path]) -> str:
+    """BLAKE2b of the bytes of one file, or of several files' names and bytes in the given order.
+
+    The caller lists the files (e.g. `fm3d.data.io.source_files`), so nothing hashes a folder
+    tree before its format is known.
+    """
     digest = hashlib.blake2b(digest_size=16)
-    for file in _files_of(root):
-        if root.is_dir():
-            digest.update(str(file.relative_to(root)).encode() + b"\0")
+    for file in files:
+        if len(files) > 1:
+            digest.update(file.name.encode() + b"\0")
         with file.open("rb") as f:
             while chunk := f.read(_CHUNK):
                 digest.update(chunk)
     return digest.hexdigest()
 
 
-def stat_fingerprint(paths: list[str]) -> str:
-    """Sizes and modification times of the source files: a cheap "unchanged since last run" check."""
+def stat_fingerprint(paths: list[Path]) -> str:
+    """Sizes and modification times of files (every file under a folder): a cheap "unchanged" check."""
     entries = []
     for path in paths:
         for file in _files_of(Path(path)):
             st = file.stat()
             entries.append([str(file), st.st_size, st.st_mtime_ns])
     return json.dumps(entries)
+
+
+def npy_intact(path: Path, shape: tuple[int, ...]) -> bool:
+    """Whether a .npy file has a readable header for `shape` and exactly the bytes that header promises.
+
+    A truncated file, a file cut inside its header or one replaced by another array fails.
+    """
+    try:
+        with path.open("rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            header_shape, fortran, dtype = read_header(f)
+            data_start = f.tell()
+    except (OSError, ValueError, EOFError):
+        return False
+    expected = data_start + int(np.prod(header_shape, dtype=np.int64)) * dtype.itemsize
+    return tuple(header_shape) == tuple(shape) and not fortran and path.stat().st_size == expected

@@ -6,6 +6,7 @@
     ROOT/studies/<study_id>.npy   int16 HU, [D, H, W] = (z, y, x) of the RAS-canonical volume
     ROOT/labels/<study_id>.npy    optional label map on the same grid (integer dtype)
     ROOT/failures.parquet         studies that could not be prepared (study_id, source, error)
+    ROOT/labels.json              optional {label value: name}, copied from beside the manifest
 
 Index columns (`INDEX_COLUMNS`): study_id, patient_id, status ("ok" for usable rows),
 image_file and label_file (paths relative to ROOT; label_file null without a label),
@@ -33,6 +34,7 @@ INDEX_FILE = "index.parquet"
 FAILURES_FILE = "failures.parquet"
 STUDIES_DIR = "studies"
 LABELS_DIR = "labels"
+LABEL_NAMES_FILE = "labels.json"
 
 INDEX_COLUMNS: tuple[str, ...] = (
     "study_id",

@@ -8,6 +8,7 @@ its images can move together.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,11 @@ from fm3d.data.errors import ManifestError
 
 # Read as text even when they look numeric: "007" must stay "007", not become 7.
 _TEXT_COLUMNS = {"study_id": pl.String, "patient_id": pl.String}
+# A study_id names files (studies/<id>.npy, .journal/<id>.json, and their temporaries
+# .<id>.npy.tmp-<pid>), which must fit the 255-byte name limit of common filesystems.
+MAX_STUDY_ID_BYTES = 200
+# Names Windows (and so SMB shares and some sync tools) cannot hold, with or without an extension.
+_RESERVED_NAMES = re.compile(r"^(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?$", re.IGNORECASE)
 
 
 def load_manifest(
@@ -28,6 +34,8 @@ def load_manifest(
     series_uid (from `series_uid_column`) and every other column unchanged.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ManifestError(path, "is a folder, not a manifest file", "pass the CSV or parquet file itself")
     if not path.is_file():
         raise ManifestError(path, "does not exist", "pass the CSV or parquet manifest with --manifest")
     try:
@@ -69,20 +77,25 @@ def load_manifest(
     ]
     frame = frame.with_columns(pl.col(c).cast(pl.String) for c in text)
     ids = frame["study_id"]
-    bad = [s for s in ids.to_list() if not s or "/" in s or "\\" in s or s.startswith(".")]
-    if bad or ids.null_count():
+    bad = [(row, sid, why) for row, sid in enumerate(ids.to_list(), 1) if (why := _unusable_id(sid))]
+    if bad:
+        listed = "; ".join(f"data row {row} ({sid!r}): {why}" for row, sid, why in bad[:5])
         raise ManifestError(
             path,
-            f"has study_ids that cannot name a file: {bad[:5] or ['<empty>']}",
-            "use non-empty ids without slashes or a leading dot",
+            f"has {len(bad)} study_ids that cannot name a file: {listed}",
+            f"use ids of at most {MAX_STUDY_ID_BYTES} bytes without slashes, control characters, "
+            "a leading dot or reserved names (CON, NUL, COM1, ...)",
         )
     duplicated = ids.filter(ids.is_duplicated()).unique().to_list()
     if duplicated:
         raise ManifestError(
             path, f"lists study_ids more than once: {sorted(duplicated)[:5]}", "give every study its own id"
         )
-    if frame["image_path"].null_count():
-        raise ManifestError(path, "has rows without image_path", "fill image_path for every study")
+    empty = [row for row, p in enumerate(frame["image_path"].to_list(), 1) if p is None or not p.strip()]
+    if empty:
+        raise ManifestError(
+            path, f"has an empty image_path in data rows {empty[:10]}", "fill image_path for every study"
+        )
     base = path.resolve().parent
 
     def resolve(column: str) -> pl.Expr:
@@ -92,3 +105,23 @@ def load_manifest(
     if "label_path" in frame.columns:
         frame = frame.with_columns(resolve("label_path"))
     return frame
+
+
+def _unusable_id(study_id: str | None) -> str | None:
+    """Why a study_id cannot be a file name on the cache's filesystem, or None when it can.
+
+    Rows are numbered from 1 for the first data row (the line after a CSV's header).
+    """
+    if study_id is None or not study_id.strip():
+        return "empty"
+    if any(ord(c) < 32 or ord(c) == 127 for c in study_id):
+        return "holds a control character (NUL, newline, ...)"
+    if "/" in study_id or "\\" in study_id:
+        return "holds a slash"
+    if study_id.startswith("."):
+        return "starts with a dot ('.', '..' and hidden names)"
+    if _RESERVED_NAMES.match(study_id):
+        return "is a reserved device name"
+    if len(study_id.encode("utf-8", "surrogatepass")) > MAX_STUDY_ID_BYTES:
+        return f"is longer than {MAX_STUDY_ID_BYTES} bytes"
+    return None

@@ -3,9 +3,13 @@
 Each study is read (`fm3d.data.io`), brought to the canonical grid (`fm3d.data.preprocess`)
 and written as `studies/<study_id>.npy` (+ `labels/<study_id>.npy`). Every file is written to
 a temporary name and renamed into place, and a study counts as done only once its journal
-entry (`.journal/<study_id>.json`, itself renamed into place after the arrays) exists, so a
-killed run leaves nothing half-written and a re-run continues where it stopped. At the end
-the journal is folded into `index.parquet` and `failures.parquet`.
+entry (`fm3d.data.journal`, itself renamed into place after the arrays) exists, so a killed run
+leaves nothing half-written and a re-run continues where it stopped.
+
+One bad study never stops the batch: every per-study step, its journal entry included, runs
+inside the study's error handling, and a worker process killed mid-study (the OOM killer)
+fails that study only (`fm3d.data.workers`). One run at a time writes into an output folder
+(`fm3d.data.lock`). The exit status is 1 when any study failed, 2 for a usage error.
 """
 
 from __future__ import annotations
@@ -13,63 +17,32 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import polars as pl
 from tqdm import tqdm
 
-from fm3d.data import atomic
-from fm3d.data.cache import FAILURES_FILE, INDEX_FILE, LABELS_DIR, STUDIES_DIR
-from fm3d.data.errors import ManifestError, VolumeReadError
-from fm3d.data.io import read_label, read_volume
+from fm3d.data import atomic, journal
+from fm3d.data.cache import FAILURES_FILE, INDEX_FILE, LABEL_NAMES_FILE, LABELS_DIR, STUDIES_DIR
+from fm3d.data.errors import CacheError, SettingsError
+from fm3d.data.limits import DEFAULT_MAX_ARRAY_BYTES, ReadLimits
+from fm3d.data.lock import output_lock
 from fm3d.data.manifest import load_manifest
-from fm3d.data.preprocess import PreprocessSettings, preprocess
+from fm3d.data.preprocess import PreprocessSettings
+from fm3d.data.study import StudyTask, failed_row, prepare_study, untouched
+from fm3d.data.workers import run_in_processes
+from fm3d.errors import Fm3dError
 
 logger = logging.getLogger(__name__)
 
-JOURNAL_DIR = ".journal"
-_INDEX_SCHEMA = {
-    "study_id": pl.String,
-    "patient_id": pl.String,
-    "status": pl.String,
-    "image_file": pl.String,
-    "label_file": pl.String,
-    "shape": pl.List(pl.Int64),
-    "spacing": pl.List(pl.Float64),
-    "affine": pl.List(pl.Float64),
-    "hu_p1": pl.Float64,
-    "hu_p50": pl.Float64,
-    "hu_p99": pl.Float64,
-    "source_path": pl.String,
-    "source_hash": pl.String,
-    "settings": pl.String,
-    "record": pl.String,
-    "label_path": pl.String,
-    "label_hash": pl.String,
-    "source_stat": pl.String,
-    "error": pl.String,
-}
-
-
-@dataclass(frozen=True)
-class StudyTask:
-    """One manifest row to prepare, with what a previous run recorded for it (if anything)."""
-
-    study_id: str
-    patient_id: str | None
-    image_path: str
-    label_path: str | None
-    series_uid: str | None
-    settings: str  # JSON: preprocessing settings + series choice; a change re-prepares the study
-    previous: dict[str, Any] | None
+_OUTPUT_DIRS = (STUDIES_DIR, LABELS_DIR, journal.JOURNAL_DIR)
 
 
 def prepare_cache(
@@ -80,17 +53,56 @@ def prepare_cache(
     workers: int = 1,
     series_uid_column: str | None = None,
     progress: bool = True,
+    limits: ReadLimits | None = None,
 ) -> dict[str, int]:
-    """Prepare every study of a manifest into `out`; returns counts {prepared, skipped, failed}."""
+    """Prepare every study of a manifest into `out`; returns counts {prepared, skipped, failed}.
+
+    Raises `OutputLockedError` when another run is writing into `out`, `ManifestError` for an
+    unusable manifest and `CacheError` for an `out` that cannot be a folder; study failures are
+    counted and listed in failures.parquet instead.
+    """
     settings = settings or PreprocessSettings()
+    limits = limits or ReadLimits()
+    if workers < 1:
+        raise SettingsError(f"workers must be at least 1, got {workers}")
     out = Path(out)
-    manifest = load_manifest(manifest_path, series_uid_column=series_uid_column, reserved=_INDEX_SCHEMA)
-    for folder in (out, out / STUDIES_DIR, out / LABELS_DIR, out / JOURNAL_DIR):
-        folder.mkdir(parents=True, exist_ok=True)
-    removed = atomic.remove_stale_temporaries(out, [STUDIES_DIR, LABELS_DIR, JOURNAL_DIR])
+    manifest = load_manifest(
+        manifest_path, series_uid_column=series_uid_column, reserved=journal.INDEX_SCHEMA
+    )
+    _make_folder(out)
+    with output_lock(out):
+        counts = _prepare_locked(manifest, out, settings, limits, workers, progress)
+        _copy_label_names(Path(manifest_path).parent / LABEL_NAMES_FILE, out / LABEL_NAMES_FILE)
+    return counts
+
+
+def _make_folder(out: Path) -> None:
+    """Create `out`, or say why it cannot be a cache folder (a file, under a file, not writable)."""
+    blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        where = "is a file" if blocker == out else f"lies under {blocker}, which is a file"
+        raise CacheError(out, f"{where}, so it cannot be a cache folder", "pass a folder path to --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CacheError(out, f"cannot be created ({exc.strerror})", "pick a writable --out") from exc
+
+
+def _prepare_locked(
+    manifest: pl.DataFrame,
+    out: Path,
+    settings: PreprocessSettings,
+    limits: ReadLimits,
+    workers: int,
+    progress: bool,
+) -> dict[str, int]:
+    for folder in _OUTPUT_DIRS:
+        (out / folder).mkdir(exist_ok=True)
+    # Safe: the lock says no other run is writing here, so these are leftovers of a killed one.
+    removed = atomic.remove_stale_temporaries(out, list(_OUTPUT_DIRS))
     if removed:
         logger.info("removed %d temporary files left by an interrupted run in %s", removed, out)
-    known = _known_rows(out)
+    known = journal.known_rows(out)
     tasks = []
     for row in manifest.iter_rows(named=True):
         task_settings = json.dumps(
@@ -109,38 +121,51 @@ def prepare_cache(
         )
 
     # Untouched sources (same size and mtime) are skipped here, so a re-run starts no workers.
-    pending = [task for task in tasks if not _untouched(task, out)]
+    pending = [task for task in tasks if not untouched(task, out, limits)]
     counts = {"prepared": 0, "skipped": len(tasks) - len(pending), "failed": 0}
+    results: dict[str, dict[str, Any]] = {}
     bar = tqdm(
         total=len(tasks), initial=counts["skipped"], desc="fm3d prepare", unit="study", disable=not progress
     )
-    for row in _run(pending, out, settings, workers):
+    for row in _run(pending, out, settings, limits, workers):
         outcome = row.pop("outcome")
         counts[outcome] += 1
+        results[row["study_id"]] = row
         if outcome == "failed":
             logger.warning("study %s failed: %s", row["study_id"], row["error"])
         bar.update()
         bar.set_postfix(counts, refresh=False)
     bar.close()
-    _write_tables(out, manifest, _known_rows(out))
+    journal.write_tables(out, manifest, {**journal.known_rows(out), **results})
+    atomic.remove_stale_temporaries(out, list(_OUTPUT_DIRS))  # a worker killed mid-write leaves one
     return counts
 
 
-def _run(tasks: list[StudyTask], out: Path, settings: PreprocessSettings, workers: int):
+def _copy_label_names(source: Path, target: Path) -> None:
+    """The label-name map beside the manifest travels with the label maps, so tasks name classes right."""
+    if source.is_file():
+        atomic.write_json(target, json.loads(source.read_text()))
+
+
+def _run(tasks: list[StudyTask], out: Path, settings: PreprocessSettings, limits: ReadLimits, workers: int):
     """Results of `prepare_study` in completion order, from this process or a pool of processes."""
     if workers <= 1 or len(tasks) <= 1:  # a pool costs a fork server and worker start-up
         for task in tasks:
-            yield prepare_study(task, out, settings)
+            yield prepare_study(task, out, settings, limits)
         return
     # Not plain fork: a parent that already ran torch (OpenMP threads) can deadlock forked children.
     # A fork server imports the readers once, then forks each worker from that clean process.
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(workers,))
-    with pool:
-        futures = [pool.submit(prepare_study, task, out, settings) for task in tasks]
-        for future in as_completed(futures):
-            yield future.result()
+    context.set_forkserver_preload(["fm3d.data.study"])
+    yield from run_in_processes(
+        partial(prepare_study, out=out, settings=settings, limits=limits),
+        tasks,
+        workers,
+        failed=partial(failed_row, out=out),
+        context=context,
+        initializer=_init_worker,
+        initargs=(workers,),
+    )
 
 
 def _init_worker(workers: int) -> None:
@@ -150,140 +175,13 @@ def _init_worker(workers: int) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
-def prepare_study(task: StudyTask, out: Path, settings: PreprocessSettings) -> dict[str, Any]:
-    """Prepare one study (or confirm it is up to date) and journal its index row.
-
-    Never raises for a bad study: the error becomes a "failed" row, so one broken file cannot
-    stop a run over thousands.
-    """
-    row: dict[str, Any] = {
-        "study_id": task.study_id,
-        "patient_id": task.patient_id,
-        "source_path": task.image_path,
-        "label_path": task.label_path,
-        "settings": task.settings,
-    }
-    try:
-        sources = [task.image_path] + ([task.label_path] if task.label_path else [])
-        for source in sources:
-            if not Path(source).exists():
-                raise VolumeReadError(
-                    source, "does not exist", "fix the manifest (relative paths resolve against its folder)"
-                )
-        stat = atomic.stat_fingerprint(sources)
-        previous = task.previous
-        row["source_stat"] = stat
-        row["source_hash"] = atomic.content_hash(task.image_path)
-        row["label_hash"] = atomic.content_hash(task.label_path) if task.label_path else None
-        if (
-            previous
-            and previous.get("source_hash") == row["source_hash"]
-            and previous.get("label_hash") == row["label_hash"]
-            and _up_to_date(previous, task, out)
-        ):
-            row = {**previous, "source_stat": stat}
-            atomic.write_json(out / JOURNAL_DIR / f"{task.study_id}.json", row)
-            return {**row, "outcome": "skipped"}
-        row.update(_prepare_arrays(task, out, settings))
-        row.update(status="ok", error=None)
-        outcome = "prepared"
-    except Exception as exc:  # any failure of one study is recorded, never allowed to stop the run
-        row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-        outcome = "failed"
-    atomic.write_json(out / JOURNAL_DIR / f"{task.study_id}.json", row)
-    return {**row, "outcome": outcome}
-
-
-def _untouched(task: StudyTask, out: Path) -> bool:
-    """Whether a study's files keep the size and mtime recorded when it was prepared (no hashing needed)."""
-    previous = task.previous
-    if not previous or not _up_to_date(previous, task, out):
-        return False
-    try:
-        sources = [task.image_path] + ([task.label_path] if task.label_path else [])
-        return previous.get("source_stat") == atomic.stat_fingerprint(sources)
-    except OSError:  # a source vanished: let prepare_study report it
-        return False
-
-
-def _up_to_date(previous: dict[str, Any], task: StudyTask, out: Path) -> bool:
-    return (
-        previous.get("status") == "ok"
-        and previous.get("settings") == task.settings
-        and previous.get("source_path") == task.image_path
-        and previous.get("label_path") == task.label_path
-        and (out / previous["image_file"]).is_file()
-        and (previous.get("label_file") is None or (out / previous["label_file"]).is_file())
-    )
-
-
-def _prepare_arrays(task: StudyTask, out: Path, settings: PreprocessSettings) -> dict[str, Any]:
-    volume = read_volume(task.image_path, series_uid=task.series_uid)
-    label = read_label(task.label_path) if task.label_path else None
-    prepared = preprocess(volume, settings, label=label)
-    image_file = f"{STUDIES_DIR}/{task.study_id}.npy"
-    atomic.save_npy(out / image_file, prepared.image)
-    label_file = None
-    if prepared.label is not None:
-        label_file = f"{LABELS_DIR}/{task.study_id}.npy"
-        atomic.save_npy(out / label_file, prepared.label)
-    p1, p50, p99 = np.percentile(prepared.image, [1, 50, 99])
-    record = prepared.record
-    return {
-        "image_file": image_file,
-        "label_file": label_file,
-        "shape": list(record.shape),
-        "spacing": list(record.spacing),
-        "affine": list(record.affine),
-        "hu_p1": float(p1),
-        "hu_p50": float(p50),
-        "hu_p99": float(p99),
-        "record": record.to_json(),
-    }
-
-
-def _known_rows(out: Path) -> dict[str, dict[str, Any]]:
-    """Rows recorded so far: the last index, overlaid with journal entries of later work."""
-    rows: dict[str, dict[str, Any]] = {}
-    index_path = out / INDEX_FILE
-    if index_path.is_file():
-        index = pl.read_parquet(index_path)
-        keep = [c for c in _INDEX_SCHEMA if c in index.columns]
-        rows = {r["study_id"]: r for r in index.select(keep).iter_rows(named=True)}
-    for entry in sorted((out / JOURNAL_DIR).glob("*.json")):
-        row = json.loads(entry.read_text())
-        rows[row["study_id"]] = row
-    return rows
-
-
-def _write_tables(out: Path, manifest: pl.DataFrame, rows: dict[str, dict[str, Any]]) -> None:
-    """Fold the journal into index.parquet (manifest order, extra columns kept) and failures.parquet."""
-    ids = manifest["study_id"].to_list()
-    # patient_id always comes from the current manifest, also for studies skipped as up to date.
-    patients = manifest["patient_id"].to_list() if "patient_id" in manifest.columns else [None] * len(ids)
-    core = pl.DataFrame(
-        [
-            {**{k: rows[sid].get(k) for k in _INDEX_SCHEMA}, "patient_id": pid}
-            for sid, pid in zip(ids, patients, strict=True)
-        ],
-        schema=_INDEX_SCHEMA,
-    )
-    extras = manifest.drop([c for c in ("patient_id", "image_path", "label_path") if c in manifest.columns])
-    index = core.join(extras, on="study_id", how="left", maintain_order="left")
-    atomic.write_parquet(out / INDEX_FILE, index)
-    failures = index.filter(pl.col("status") == "failed").select(
-        "study_id", pl.col("source_path").alias("source"), "error"
-    )
-    atomic.write_parquet(out / FAILURES_FILE, failures)
-    for entry in (out / JOURNAL_DIR).glob("*.json"):
-        entry.unlink()  # now in the index; the index was replaced before these go
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fm3d prepare",
         description="Prepare raw CTs (NIfTI, NRRD, DICOM) listed in a manifest into a memory-mappable cache "
-        "of int16 [D,H,W] arrays on a RAS grid at a common spacing. Re-running resumes.",
+        "of int16 [D,H,W] arrays on a RAS grid at a common spacing. Re-running resumes. Exit status: "
+        "0 all studies ready, 1 some studies failed (listed in failures.parquet), 2 usage error "
+        "(including another fm3d prepare writing into the same --out).",
     )
     parser.add_argument(
         "--manifest",
@@ -314,21 +212,43 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="manifest column with the SeriesInstanceUID to read from DICOM folders of several series",
     )
+    parser.add_argument(
+        "--max-gib",
+        type=float,
+        default=DEFAULT_MAX_ARRAY_BYTES / 2**30,
+        help="largest array one study may allocate, in GiB; a header declaring more is refused before "
+        f"reading (default: {DEFAULT_MAX_ARRAY_BYTES / 2**30:g})",
+    )
+    parser.add_argument(
+        "--allow-external-data",
+        action="store_true",
+        help="let a detached NRRD header (.nhdr) read a data file outside its own folder",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `fm3d prepare`."""
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+def _checked(args: argparse.Namespace) -> tuple[PreprocessSettings, ReadLimits]:
+    """The settings the flags ask for, refused (naming the flag) before any file is touched."""
     try:
         settings = PreprocessSettings(tuple(args.spacing), tuple(args.hu_window))
-    except ValueError as exc:
-        print(f"fm3d prepare: {exc}", file=sys.stderr)
-        return 2
+    except SettingsError as exc:
+        raise SettingsError(f"--spacing / --hu-window: {exc}") from None
+    if args.workers < 1:
+        raise SettingsError(f"--workers must be at least 1, got {args.workers}")
+    if not (math.isfinite(args.max_gib) and args.max_gib > 0):
+        raise SettingsError(f"--max-gib must be a positive number of GiB, got {args.max_gib}")
+    limits = ReadLimits(int(args.max_gib * 2**30), allow_external_data=args.allow_external_data)
+    return settings, limits
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `fm3d prepare`: 0 when every study is ready, 1 when some failed, 2 on usage errors."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
     try:
+        settings, limits = _checked(args)
         counts = prepare_cache(
             args.manifest,
             args.out,
@@ -336,9 +256,13 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             series_uid_column=args.series_uid_column,
             progress=not args.no_progress,
+            limits=limits,
         )
-    except ManifestError as exc:
+    except Fm3dError as exc:
         print(f"fm3d prepare: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. the disk filled up while writing the index
+        print(f"fm3d prepare: {exc.filename or args.out}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     elapsed = time.perf_counter() - start
     print(
@@ -346,5 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{counts['failed']} failed in {elapsed:.1f} s -> {args.out / INDEX_FILE}"
     )
     if counts["failed"]:
-        print(f"fm3d prepare: see {args.out / FAILURES_FILE} for the failed studies and their errors")
+        print(
+            f"fm3d prepare: {counts['failed']} studies failed; "
+            f"see {args.out / FAILURES_FILE} for their errors",
+            file=sys.stderr,
+        )
+        return 1
     return 0
