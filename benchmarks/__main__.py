@@ -145,12 +145,26 @@ def render(runs: list[ScriptRun], argv: list[str], machine_table: str, started: 
     for r in runs:
         lines += ["", f"## {r.name}", "", summary_line(r.name), "", f"`{' '.join(_display(r.command))}`"]
         if r.status == "ok":
-            lines += [f"({r.seconds:.0f} s)", "", r.stdout.strip()]
+            lines += [f"({r.seconds:.0f} s)", "", nest_headings(r.stdout.strip())]
         else:
             lines += ["", f"**{r.status}**: {r.detail}."]
             if r.stdout.strip():
                 lines += ["", "```", r.stdout.strip()[-3000:], "```"]
     return "\n".join(lines) + "\n"
+
+
+def nest_headings(markdown: str, levels: int = 2) -> str:
+    """A script's markdown with every heading `levels` deeper, so its own `# Title` sits under
+    the runner's `## name` (one H1 per page: the docs site's contents list reads it as a page title).
+    Lines inside ``` fences are left alone."""
+    lines, fenced = [], False
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and line.startswith("#") and line.lstrip("#").startswith(" "):
+            line = "#" * levels + line
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def _display(command: list[str]) -> list[str]:

@@ -6,9 +6,11 @@ fails this suite, not only a later docs deploy.
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -79,6 +81,29 @@ def test_docstring_fields_render_as_lists(site: Path) -> None:
     downstream_page = (site / "api" / "downstream.html").read_text()
     assert "<li><code>lora_rank</code>, <code>lora_alpha</code>" in downstream_page  # a multi-name field
     assert "&lt;run&gt;/predictions" in downstream_page  # SegmentationTask.prediction_dir
+
+
+def _docstring_fields() -> ModuleType:
+    """docs/overrides/docstring_fields.py, the griffe extension mkdocs.yml loads (not a package)."""
+    path = DOCS / "overrides" / "docstring_fields.py"
+    spec = importlib.util.spec_from_file_location("docstring_fields", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_format_fields_keeps_the_words_and_marks_up_the_fields() -> None:
+    format_fields = _docstring_fields().format_fields
+    bare = "Returns.\n\ntokens: [B, N, C] at <run>/x `<kept>`.\npooled: one\n    vector.\nPlain: text."
+    assert format_fields(bare, {"tokens", "pooled"}) == (
+        "Returns.\n\n- `tokens`: [B, N, C] at &lt;run>/x `<kept>`.\n- `pooled`: one\n    vector."
+        "\n\nPlain: text."  # not a parameter or member: stays a paragraph, after the list
+    )
+    block = "Sum.\nArgs:\n    a, b: first\n        more.\n    (c: see X.)\nReturns:\n    One row,\n    each."
+    assert format_fields(block, set()) == (
+        "Sum.\n\n**Arguments**\n\n- `a`, `b`: first\n    more.\n- (`c`: see X.)"
+        "\n\n**Returns**\n\nOne row,\neach."  # Returns prose stays one paragraph
+    )
 
 
 def _broken_copy(tmp_path: Path, edits: dict[str, str]) -> Path:

@@ -36,34 +36,33 @@ def _indent(line: str) -> int:
     return len(line) - len(line.lstrip(" "))
 
 
-def _item(line: str, any_name: bool, known: set[str]) -> str | None:
-    """The list item for a field line, or None when `line` is not a field.
+def _item(line: str, known: set[str] | None) -> str | None:
+    """The list item for a field line (`name: text`), or None when `line` is not one.
 
-    any_name: inside an `Args:`-style block every line at the block's indentation is a field;
-        outside one, a line is a field only when its first name is a parameter or member.
+    known: the names a field may document; None (inside an `Args:`-style block) accepts any.
     """
     match = FIELD.match(line)
     if match is None:
-        return f"- {_escape_tags(line)}" if any_name else None
+        return None
     names = match["names"].split(", ")
-    if not any_name and names[0].strip("*") not in known:
+    if known is not None and names[0].strip("*") not in known:
         return None
     coded = ", ".join(f"`{name.strip('*')}`" for name in names)
     return f"- {match['open']}{coded}:{_escape_tags(match['text'])}"
 
 
 def format_fields(text: str, known: set[str]) -> str:
-    """`text` (a docstring) with its field lines as list items and continuation lines under them.
+    """`text` (a docstring) with its field lines as list items and their wrapped lines under them.
 
-    known: the names a bare `name: text` line may document (parameters and members).
+    known: the names a bare `name: text` line outside a header's block may document (parameters
+        and members); under a header every `name: text` line at the block's indentation counts.
     """
     out: list[str] = []
-    block_indent: int | None = None  # indentation of the fields under an Args:-style header
+    block_indent: int | None = None  # indentation of the lines under an Args:-style header
     in_list = False
     lines = text.splitlines()
     for number, line in enumerate(lines):
-        stripped = line.strip()
-        indent = _indent(line)
+        stripped, indent = line.strip(), _indent(line)
         if not stripped:
             block_indent, in_list = None, False
             out.append("")
@@ -74,23 +73,25 @@ def format_fields(text: str, known: set[str]) -> str:
             title = "Arguments" if stripped == "Args:" else stripped[:-1]
             out.extend([*([""] if out and out[-1] else []), f"**{title}**", ""])
             continue
-        if in_list and (block_indent is None or indent > block_indent) and indent > 0:
-            out.append("    " + _escape_tags(stripped))  # continuation of the current item
-            continue
-        in_block = block_indent is not None and indent == block_indent
         if block_indent is not None and indent < block_indent:
             block_indent = None
-        item = _item(stripped, in_block, known) if in_block or indent == 0 else None
+        in_block = block_indent is not None
+        field_indent = block_indent if in_block else 0
+        item = _item(stripped, None if in_block else known) if indent == field_indent else None
         if item is not None:
             if not in_list and out and out[-1]:
                 out.append("")
             out.append(item)
             in_list = True
-            continue
-        if in_list:
-            out.append("")  # a paragraph after a list must not continue its last item
-            in_list = False
-        out.append(_escape_tags(line) if indent == 0 else line)
+        elif in_list and (indent > field_indent or in_block):
+            out.append("    " + _escape_tags(stripped))  # the current field's text goes on
+        else:
+            if in_list:
+                out.append("")  # a paragraph after a list must not continue its last item
+                in_list = False
+            # Prose under a header (a Returns: sentence) is dedented; outside one an indented
+            # line may be a code block, so it stays as written.
+            out.append(_escape_tags(stripped) if in_block or indent == 0 else line)
     return "\n".join(out)
 
 

@@ -113,3 +113,12 @@ def test_quick_encoder_step_and_attention_entry(tmp_path):
     # the memory ratio may be blank or 0 there: check the measured columns instead.
     assert all(float(row[5]) > 0 for row in entry)
     assert all(int(value) >= 0 for row in entry for value in row[6:9])
+
+
+def test_script_headings_nest_under_the_runner_section(monkeypatch):
+    """A script's own `# Title` becomes `### Title` under `## name`; code fences keep their lines."""
+    monkeypatch.syspath_prepend(str(REPO))
+    from benchmarks.__main__ import nest_headings
+
+    text = "# Data loading\n\n## detail\n\n```\n# a comment\n```\n#hashtag | 1 |"
+    assert nest_headings(text) == "### Data loading\n\n#### detail\n\n```\n# a comment\n```\n#hashtag | 1 |"
