@@ -5,16 +5,16 @@
 `workers` items in flight, so when a pool breaks the suspects are exactly those in flight; it
 re-runs each suspect alone in a fresh pool (an innocent one completes, the culprit breaks its
 pool again and is reported through `failed`) and carries on with the rest in a new pool.
-Workers also die with their parent: a killed `fm3d prepare` leaves no process behind.
+Workers also end with the run that started them: a killed `fm3d prepare` leaves no process behind.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
-import signal
-import sys
+import select
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -31,7 +31,6 @@ KILLED_REASON = (
     "its worker process died while preparing it (killed by a signal, e.g. SIGKILL from the "
     "out-of-memory killer); the other studies went on"
 )
-_PR_SET_PDEATHSIG = 1
 
 
 def run_in_processes(
@@ -47,7 +46,7 @@ def run_in_processes(
     """`fn(task)` for every task, in completion order; `failed(task, reason)` for a task whose
     worker died or whose call raised, so every task yields exactly one result."""
     queue = deque(tasks)
-    settings = (context, initializer, initargs)
+    settings = (context, (os.getpid(), initializer, initargs))
     while queue:
         suspects = yield from _until_broken(fn, queue, workers, failed, settings)
         for task in suspects:
@@ -61,17 +60,15 @@ def _until_broken(
     queue: deque[T],
     workers: int,
     failed: Callable[[T, str], R],
-    settings: tuple[BaseContext, Callable[..., None] | None, tuple[Any, ...]],
+    settings: tuple[BaseContext, tuple[Any, ...]],
 ) -> Generator[R, None, list[T]]:
     """Run queued tasks, at most `workers` at a time, until done or the pool breaks.
 
     Returns the tasks that were in flight when it broke (empty when it did not); the tasks
     never started stay in `queue`.
     """
-    context, initializer, initargs = settings
-    pool = ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_start_worker, initargs=(initializer, initargs)
-    )
+    context, start_args = settings
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=start_args)
     in_flight: dict[Future[R], T] = {}
     suspects: list[T] = []
     try:
@@ -98,18 +95,39 @@ def _until_broken(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _start_worker(initializer: Callable[..., None] | None, initargs: tuple[Any, ...]) -> None:
-    _die_with_parent()
+def _start_worker(run_pid: int, initializer: Callable[..., None] | None, initargs: tuple[Any, ...]) -> None:
+    _exit_with(run_pid)
     if initializer is not None:
         initializer(*initargs)
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this worker when its parent (the fork server or the run) exits."""
-    if not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        logger.debug("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
-    if os.getppid() == 1:  # the parent died before the request was made
+def _exit_with(run_pid: int) -> None:
+    """End this worker as soon as the run that started it is gone, however it died.
+
+    The worker's parent is the fork server, which itself waits for its workers to close their
+    end of its liveness pipe: without this watch, a SIGKILLed run leaves both behind for ever.
+    """
+    try:
+        handle = os.pidfd_open(run_pid)  # Linux >= 5.3: readable once the process has exited
+    except (AttributeError, OSError):
+        handle = None
+
+    def watch() -> None:
+        if handle is not None:
+            select.select([handle], [], [])
+        else:
+            while _alive(run_pid):
+                time.sleep(1.0)
         os._exit(1)
+
+    threading.Thread(target=watch, name="fm3d-exit-with-run", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else (the pid was reused)
+        return True
+    return True

@@ -1,0 +1,33 @@
+"""Fixtures of the data tests: the real CT files as seeds, and a real `fm3d prepare` subprocess."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def ct_file(shared_data: Path) -> Path:
+    """The real TotalSegmentator CT (122 x 101 x 30 voxels, 3 mm, int16), read only."""
+    return shared_data / "ct" / "totalsegmentator" / "example_ct_sm.nii.gz"
+
+
+@pytest.fixture
+def dicom_series(shared_data: Path) -> Path:
+    """The real 3-slice GE CT series (with its NRRD labels beside it), read only."""
+    return shared_data / "ct" / "dcmqi_ct3slice"
+
+
+def _run_prepare(*args: str | Path, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "fm3d.cli", "prepare", *map(str, args), "--no-progress"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def prepare_cli() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Runs the real `fm3d prepare` command in a child process: `prepare_cli("--manifest", m, "--out", o)`."""
+    return _run_prepare
