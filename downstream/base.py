@@ -178,6 +178,10 @@ class DownstreamTask(L.LightningModule):
         """Matplotlib figures (name -> Figure) for `fm3d evaluate`; none by default."""
         return {}
 
+    def checkpoint_monitor(self) -> tuple[str, str] | None:
+        """The validation metric `checkpoints/best.ckpt` is kept by: the validation loss, lowest wins."""
+        return ("val/loss", "min")
+
     # ---- shared helpers -------------------------------------------------------------------
     @property
     def hu_window(self) -> tuple[float, float]:

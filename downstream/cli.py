@@ -6,9 +6,13 @@ The task name picks the LightningModule and its data module: `task: segmentation
     fm3d finetune fit --config conf/downstream/segmentation.yaml --model.encoder runs/x/export/encoder
 
 `--model.encoder` takes an export folder, a Lightning .ckpt or a registry name ("vit3d_tiny")
-for a freshly created encoder. Unless the config names a logger, runs are tracked with MLflow
-in an embedded SQLite store under the run folder (`<trainer.default_root_dir>/mlflow.db`,
-artifacts in `<trainer.default_root_dir>/mlartifacts`).
+for a freshly created encoder. The run setup is `fm3d.train.cli.RunCLI`, shared with
+`fm3d pretrain`: every command gets a run folder `<runs_root>/<name>/<timestamp>` (name: the
+task, or `--name`; `<runs_root>/<name>/latest` points at the newest) with `config.yaml`,
+`checkpoints/last.ckpt` (always) and `checkpoints/best.ckpt` (lowest validation loss), and
+`predictions/predictions.parquet` for predict; MLflow goes to the project's store
+`<runs_root>/mlflow.db` (experiment `finetune/<name>`), and a test/predict run is tagged with
+the fit run whose `--ckpt_path` it loads. Every command ends with a summary of where it wrote.
 """
 
 from __future__ import annotations
@@ -18,47 +22,21 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import polars as pl
+import torch
 import yaml
-from jsonargparse import Namespace
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 
-from downstream.base import EncoderSpecError
-from downstream.data import TaskDataError
 from downstream.registry import TaskRegistryError, get_task, list_tasks
-from downstream.strategies import StrategyError
-from downstream.tasks.causal_lm import LanguageModelError
-from downstream.tasks.clip_task import LanguageTaskError
-from downstream.tasks.decoders import DecoderConfigError
-from downstream.tasks.projector import ProjectorConfigError
-from downstream.tasks.prompts import PromptSetError
-from fm3d.data.errors import CacheError
 from fm3d.errors import Fm3dError
+from fm3d.train.cli import RunCLI
 
-MLFLOW_DB = "mlflow.db"
-MLFLOW_ARTIFACTS = "mlartifacts"
-EXPERIMENT_NAME = "fm3d-downstream"
+PREDICTIONS_DIR = "predictions"
 
 
 class FinetuneError(Fm3dError, RuntimeError):
     """A `fm3d finetune` invocation that cannot start (no task named, unreadable config)."""
-
-
-# Failures that are the user's to fix (bad path, empty split, unknown encoder): printed as one
-# line with the fix instead of a traceback.
-USER_ERRORS: tuple[type[Exception], ...] = (
-    FinetuneError,
-    TaskDataError,
-    CacheError,
-    EncoderSpecError,
-    StrategyError,
-    DecoderConfigError,
-    LanguageTaskError,
-    PromptSetError,
-    LanguageModelError,
-    ProjectorConfigError,
-)
 
 
 def _option(argv: list[str], name: str) -> list[str]:
@@ -94,41 +72,52 @@ def task_name_from_args(argv: list[str]) -> str:
     return found
 
 
-def mlflow_logger_config(root_dir: str | Path, run_name: str | None = None) -> Namespace:
-    """LightningCLI config of an MLFlowLogger with an embedded SQLite store under `root_dir`."""
-    root = Path(root_dir).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    return Namespace(
-        class_path="lightning.pytorch.loggers.MLFlowLogger",
-        init_args=Namespace(
-            experiment_name=EXPERIMENT_NAME,
-            run_name=run_name,
-            tracking_uri=f"sqlite:///{root / MLFLOW_DB}",
-            artifact_location=(root / MLFLOW_ARTIFACTS).as_uri(),
-        ),
-    )
+class PredictionTable(BasePredictionWriter):
+    """Write what `predict_step` returned to `<run>/predictions/predictions.parquet`, one row per study.
 
-
-class SaveRunConfig(SaveConfigCallback):
-    """Saves the resolved config as `<default_root_dir>/<subcommand>-config.yaml` and logs it to MLflow.
-
-    Lightning's default writes into `trainer.log_dir`, which an MLflow logger with a SQLite store
-    does not have.
+    A dict of per-study values (lists, or tensors whose first dimension is the batch) becomes
+    columns; a list of written files (segmentation's label maps) becomes a `file` column.
+    Under DDP each rank writes `predictions-rank<r>.parquet`.
     """
 
-    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        root = Path(trainer.default_root_dir)
-        root.mkdir(parents=True, exist_ok=True)
-        path = root / f"{getattr(stage, 'value', stage)}-config.yaml"
-        self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=False)
-        if isinstance(trainer.logger, MLFlowLogger):
-            trainer.logger.experiment.log_artifact(trainer.logger.run_id, str(path))
+    def __init__(self) -> None:
+        super().__init__(write_interval="epoch")
+        self.written: Path | None = None
+
+    def write_on_epoch_end(
+        self, trainer: Trainer, pl_module: LightningModule, predictions, batch_indices
+    ) -> None:
+        outputs = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
+        rows = [row for output in outputs for row in _rows(output)]
+        suffix = f"-rank{trainer.global_rank}" if trainer.world_size > 1 else ""
+        path = Path(trainer.default_root_dir) / PREDICTIONS_DIR / f"predictions{suffix}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pl.DataFrame(rows).write_parquet(path)
+        self.written = path
 
 
-class FinetuneCLI(LightningCLI):
-    """LightningCLI for one task class: accepts `--task`, links data to model arguments, adds MLflow."""
+def _rows(output: Any) -> list[dict[str, Any]]:
+    """One batch's `predict_step` output as per-study rows."""
+    if isinstance(output, dict):
+        columns = {
+            key: value.detach().cpu().tolist() if isinstance(value, torch.Tensor) else list(value)
+            for key, value in output.items()
+        }
+        size = len(next(iter(columns.values()), []))
+        return [{key: values[i] for key, values in columns.items()} for i in range(size)]
+    return [{"file": str(item)} for item in output]
+
+
+class FinetuneCLI(RunCLI):
+    """The shared run setup for one task class: accepts `--task`, links data to model arguments."""
+
+    application = "finetune"
+
+    def default_run_name(self) -> str:
+        return self.model_class.task_name
 
     def add_arguments_to_parser(self, parser: Any) -> None:
+        super().add_arguments_to_parser(parser)
         parser.add_argument(
             "--task", type=str, default=None, help="registered task name (see `list_tasks()`)"
         )
@@ -138,15 +127,13 @@ class FinetuneCLI(LightningCLI):
             else:  # (source, target, compute_fn): computed from the instantiated data module
                 parser.link_arguments(link[0], link[1], compute_fn=link[2], apply_on="instantiate")
 
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        trainer = config.trainer
-        if trainer.logger is None or trainer.logger is True:
-            root = trainer.default_root_dir or Path("runs") / "downstream" / self.model_class.task_name
-            trainer.default_root_dir = str(root)
-            trainer.logger = mlflow_logger_config(
-                root, run_name=f"{self.model_class.task_name}-{self.subcommand}"
-            )
+    def run_callbacks(self) -> list[Callback]:
+        return [PredictionTable()] if self.subcommand == "predict" else []
+
+    def predictions_file(self) -> Path | None:
+        """The table `predict` wrote, if it ran."""
+        writer = next((c for c in self.trainer.callbacks if isinstance(c, PredictionTable)), None)
+        return writer.written if writer is not None else None
 
 
 def build_cli(argv: list[str], run: bool = True) -> FinetuneCLI:
@@ -164,8 +151,6 @@ def build_cli(argv: list[str], run: bool = True) -> FinetuneCLI:
         datamodule_class=task_cls.datamodule_class,
         args=argv,
         run=run,
-        save_config_callback=SaveRunConfig,
-        save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
         auto_configure_optimizers=False,
     )
 
@@ -184,8 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     # `fm3d` hands us its own argv slice; LightningCLI would warn that sys.argv differs from it.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     try:
-        build_cli(argv)
-    except USER_ERRORS as exc:
+        cli = build_cli(argv)
+    except Fm3dError as exc:
         print(f"fm3d finetune: {exc}", file=sys.stderr)
         return 2
+    if cli.subcommand is None or not cli.trainer.is_global_zero:
+        return 0
+    predictions = cli.predictions_file() if cli.subcommand == "predict" else None
+    outputs = {"predictions": predictions} if predictions is not None else {}
+    print(cli.summary(outputs).render())
     return 0

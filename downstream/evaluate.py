@@ -1,14 +1,15 @@
 """`fm3d evaluate`: test a fine-tuned task and write its metrics table, detail tables and figures.
 
 Takes the same arguments as `fm3d finetune test` (config, `--model.encoder`, `--ckpt_path`)
-plus `--out DIR` (default `<trainer.default_root_dir>/evaluation`). Writes into DIR:
+plus `--out DIR` (default `<run>/evaluation`, where the run is a new folder
+`<runs_root>/<name>/<timestamp>` as for every command). Writes into DIR:
 
     metrics.md, metrics.csv      one row per headline metric (task, metric, value)
     <table>.csv                  detail tables (e.g. dice_per_class.csv)
     <figure>.png                 the task's figures (Dice per class, ROC, Kaplan-Meier, recall@K)
 
-and logs the metrics and every file to the run's MLflow store (embedded SQLite under the run
-folder unless the config names another logger).
+and logs the metrics and every file to an MLflow run of its own, tagged with the fit run whose
+checkpoint it evaluates (`fm3d.fit_run_id`). Nothing of an earlier evaluation is overwritten.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import polars as pl
 from lightning.pytorch.loggers import MLFlowLogger
 
 from downstream.base import Evaluation, safe_name
-from downstream.cli import USER_ERRORS, build_cli
+from downstream.cli import build_cli
+from fm3d.errors import Fm3dError
+from fm3d.train.runs import unique_path
 
 logger = logging.getLogger(__name__)
 
@@ -95,30 +98,51 @@ def _pop_option(argv: list[str], name: str) -> str | None:
     return None
 
 
+USAGE = """usage: fm3d evaluate --config conf/downstream/<task>.yaml [options]
+
+Test a fine-tuned task on its test split and write metrics, detail tables and figures.
+
+options:
+  --config FILE          the task's YAML (names the task); repeatable
+  --model.encoder X      export folder, .ckpt or registry name of the encoder
+  --ckpt_path FILE       the fine-tuned checkpoint (e.g. runs/<task>/latest/checkpoints/best.ckpt)
+  --out DIR              where the files go (default: <run folder>/evaluation)
+  --name NAME            run name (default: the task); the run goes to <runs_root>/<name>/<timestamp>
+  --runs_root DIR        folder of all runs and their MLflow store (default: runs)
+  --tracking_uri URI     MLflow tracking server (default: sqlite:///<runs_root>/mlflow.db)
+  --progress_every_s S   seconds between progress lines when stdout is not a terminal (default: 30)
+  -h, --help             this message; with --config, every option of the task
+
+Any other `fm3d finetune test` option (--data.*, --trainer.*) is passed through.
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `fm3d evaluate`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in {"-h", "--help"}:
-        print(
-            "usage: fm3d evaluate --config conf/downstream/<task>.yaml --model.encoder PATH|NAME "
-            "[--ckpt_path CKPT] [--out DIR] [finetune test options...]"
-        )
+    asks_help = any(arg in {"-h", "--help"} for arg in argv)
+    if not argv or (asks_help and not any(a == "--config" or a.startswith("--config=") for a in argv)):
+        print(USAGE, end="")
         return 0 if argv else 2
     out = _pop_option(argv, "--out")
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     try:
         cli = build_cli(["test", *argv])
-    except USER_ERRORS as exc:
+    except Fm3dError as exc:
         print(f"fm3d evaluate: {exc}", file=sys.stderr)
         return 2
+    if not cli.trainer.is_global_zero:
+        return 0
     task = cli.model
     if task.evaluation is None:
         print("fm3d evaluate: the test split produced no evaluation (is it empty?)", file=sys.stderr)
         return 1
-    out_dir = Path(out) if out else Path(cli.trainer.default_root_dir) / "evaluation"
+    out_dir = Path(out) if out else unique_path(Path(cli.trainer.default_root_dir) / "evaluation")
     files = write_evaluation(task.evaluation, task.figures(task.collected, task.evaluation), out_dir)
     if isinstance(cli.trainer.logger, MLFlowLogger):
         log_to_mlflow(cli.trainer.logger, task.evaluation, files)
     print(to_markdown(metrics_table(task.evaluation)))
-    print(f"fm3d evaluate: wrote {len(files)} files to {out_dir}")
+    summary = cli.summary({"evaluation": out_dir}, metrics_file=out_dir / "metrics.csv")
+    summary.command = "fm3d evaluate"
+    print(summary.render())
     return 0

@@ -1,4 +1,4 @@
-"""Callbacks of a pretraining run: export the trained encoder (and CLIP heads), draw the plots.
+"""Callbacks of a pretraining run: export the best encoder (and CLIP heads), draw the plots.
 
 Both write into the run folder (`trainer.default_root_dir`) and log what they wrote as MLflow
 artifacts, so the tracking store holds everything a reader needs to use or judge the run.
@@ -6,6 +6,7 @@ artifacts, so the tracking store holds everything a reader needs to use or judge
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections import defaultdict
@@ -17,7 +18,8 @@ import torch
 import fm3d
 from fm3d.clip import ClipModel, save_clip
 from fm3d.models.registry import encoder_from_config
-from pretrain.tracking import log_artifacts
+from fm3d.train.checkpoints import best_checkpoint
+from fm3d.train.tracking import log_artifacts
 
 logger = logging.getLogger(__name__)
 
@@ -32,22 +34,40 @@ def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
 class ExportEncoder(pl.Callback):
     """At the end of fit, write `<run>/export/encoder` (and `<run>/export/clip` when CLIP trains).
 
-    The weights come from the strategy's full state dict, which every rank must help build
-    under FSDP (sharded parameters), and are loaded into freshly built modules on rank 0, so
-    the export never carries DDP/FSDP/compile wrappers. The folders are what
-    `fm3d.load_encoder` and `fm3d.clip.load_clip` read.
+    The weights are those of `checkpoints/best.ckpt` when the run kept one (the last epochs
+    may overfit), else the weights at the end of fit; `export/source.json` records which
+    (checkpoint, monitor and score, epoch, step). Live weights come from the strategy's full
+    state dict, which every rank must help build under FSDP (sharded parameters). They are
+    loaded into freshly built modules on rank 0, so the export never carries DDP/FSDP/compile
+    wrappers. The folders are what `fm3d.load_encoder` and `fm3d.clip.load_clip` read.
     """
 
+    SOURCE_FILE = "source.json"
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        state = trainer.strategy.lightning_module_state_dict()  # collective under FSDP
+        best = best_checkpoint(trainer)
+        if best is None:
+            state = trainer.strategy.lightning_module_state_dict()  # collective under FSDP
+            source = {"checkpoint": None, "epoch": trainer.current_epoch, "step": trainer.global_step}
         if not trainer.is_global_zero:
             return
+        if best is not None:
+            state = torch.load(best.path, map_location="cpu", weights_only=True)["state_dict"]
+            source = {
+                "checkpoint": str(best.path.resolve()),
+                "monitor": best.monitor,
+                "score": best.score,
+                "epoch": best.epoch,
+                "step": best.step,
+            }
         export_dir = Path(trainer.default_root_dir) / "export"
         encoder = encoder_from_config(pl_module.encoder.config.to_dict())
         encoder.load_state_dict(_sub_state(state, "encoder."))
         fm3d.save_encoder(encoder, export_dir / "encoder")
+        (export_dir / self.SOURCE_FILE).write_text(json.dumps(source, indent=1) + "\n")
+        log_artifacts(trainer, export_dir / self.SOURCE_FILE, "export")
         log_artifacts(trainer, export_dir / "encoder", "export/encoder")
-        logger.info("exported the encoder to %s", export_dir / "encoder")
+        logger.info("exported the encoder to %s (%s)", export_dir / "encoder", self.describe(source))
         for name, module in pl_module.named_modules():
             if isinstance(module, ClipModel):
                 clip = ClipModel(module.config)
@@ -56,6 +76,22 @@ class ExportEncoder(pl.Callback):
                 log_artifacts(trainer, export_dir / "clip", "export/clip")
                 logger.info("exported the CLIP heads and text tower to %s", export_dir / "clip")
                 break
+
+    @staticmethod
+    def describe(source: dict) -> str:
+        """`from best.ckpt: epoch 41, step 1312 (val/clip/loss 1.234)` or `from the end of fit: ...`."""
+        where = f"epoch {source['epoch']}, step {source['step']}"
+        if source.get("checkpoint"):
+            return (
+                f"from {Path(source['checkpoint']).name}: {where} ({source['monitor']} {source['score']:.4g})"
+            )
+        return f"from the end of fit: {where}"
+
+    @classmethod
+    def read_source(cls, export_dir: Path) -> str | None:
+        """`describe()` of an export folder's `source.json`, if it has one."""
+        path = Path(export_dir) / cls.SOURCE_FILE
+        return cls.describe(json.loads(path.read_text())) if path.is_file() else None
 
 
 class TrainingPlots(pl.Callback):
@@ -85,7 +121,9 @@ class TrainingPlots(pl.Callback):
         if trainer.is_global_zero:
             self._record(trainer, "train/")
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Not on_validation_epoch_end: callbacks' epoch-end hooks run before the module's, which
+        # logs the epoch-level retrieval metrics, so the curve would show the previous epoch's.
         if trainer.is_global_zero and not trainer.sanity_checking:
             self._record(trainer, "val/")
 
@@ -128,8 +166,8 @@ class TrainingPlots(pl.Callback):
         return path
 
     def _recall_curve(self, path: Path) -> Path | None:
-        """Recall@K against K from the last validation epoch (CLIP's `i2t_R@K` / `t2i_R@K`)."""
-        pattern = re.compile(r"^val/(?P<objective>[^/]+)/(?P<direction>i2t|t2i)_R@(?P<k>\d+)$")
+        """Recall@K against K from the last validation epoch (CLIP's `i2t_recall_at_K`, `t2i_recall_at_K`)."""
+        pattern = re.compile(r"^val/(?P<objective>[^/]+)/(?P<direction>i2t|t2i)_recall_at_(?P<k>\d+)$")
         curves: dict[str, list[tuple[int, float]]] = defaultdict(list)
         for key, points in self.history.items():
             match = pattern.match(key)

@@ -178,6 +178,14 @@ class PretrainModule(pl.LightningModule):
             for key, value in results.items():
                 self.log(f"val/{name}/{key}", float(value), sync_dist=True)
 
+    def checkpoint_monitor(self) -> tuple[str, str]:
+        """The validation metric `checkpoints/best.ckpt` and the export are chosen by (lowest wins).
+
+        CLIP's validation loss when CLIP trains (the objective whose held-out loss turns first
+        when a small cohort overfits), else the total validation loss.
+        """
+        return ("val/clip/loss", "min") if "clip" in self.objectives else ("val/loss", "min")
+
     def setup(self, stage: str) -> None:
         """Check the objectives' sizes against the data module; record its input settings.
 

@@ -3,7 +3,7 @@
 Every study of the split contributes its CT (gallery/query) and its report; study i's report is
 the only correct match for its CT and vice versa. Metrics (`fm3d.metrics.retrieval`, ties scored
 at chance): Recall@K for K in `ks` (default 1, 5, 10, 50) in both directions and mean average
-precision, as `image_to_report_R@K`, `report_to_image_mAP`, ...; the recall@K curve is a figure.
+precision, as `image_to_report_recall_at_K`, `report_to_image_mAP`, ...; the recall@K curve is a figure.
 
 Embeddings are cached on disk by study_id (`embedding_cache`, default
 `<trainer.default_root_dir>/embeddings`; see `downstream.tasks.embedding_cache`), so a second
@@ -142,16 +142,18 @@ class RetrievalTask(ClipEvalTask):
         image, text = collected["image_embedding"].float(), collected["text_embedding"].float()
         scores = image @ text.T  # [N images, N reports], cosine similarities
         metrics = retrieval_metrics(scores, ks=self.ks, prefixes=DIRECTIONS)
-        metrics["gallery_size"] = float(len(scores))
+        # The gallery size (a count, not a metric) goes with the recall table it explains.
         rows = [
-            {"direction": d, "k": k, "recall": metrics[f"{d}_R@{k}"]} for d in DIRECTIONS for k in self.ks
+            {"direction": d, "k": k, "recall": metrics[f"{d}_recall_at_{k}"], "gallery_size": len(scores)}
+            for d in DIRECTIONS
+            for k in self.ks
         ]
         return Evaluation(self.task_name, metrics, {"recall_at_k": pl.DataFrame(rows)})
 
     def figures(self, collected: dict[str, Any], evaluation: Evaluation) -> dict[str, Any]:
         from downstream.plots import recall_at_k_figure
 
-        curves = {d: {k: evaluation.metrics[f"{d}_R@{k}"] for k in self.ks} for d in DIRECTIONS}
+        curves = {d: {k: evaluation.metrics[f"{d}_recall_at_{k}"] for k in self.ks} for d in DIRECTIONS}
         return {"recall_at_k": recall_at_k_figure(curves)}
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:

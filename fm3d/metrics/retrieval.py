@@ -108,12 +108,13 @@ def retrieval_metrics(
     """Recall@K and mAP in both directions from a [A, B] similarity matrix.
 
     Rows of `scores` retrieve columns for the first prefix (e.g. image -> text), columns
-    retrieve rows (the transpose) for the second. Keys: f"{prefix}_R@{k}", f"{prefix}_mAP".
+    retrieve rows (the transpose) for the second. Keys: f"{prefix}_recall_at_{k}", f"{prefix}_mAP"
+    (names MLflow and file systems take as they are).
     K larger than the gallery is reported as is (recall 1).
     """
     rel = _relevance(scores, relevance)
     out: dict[str, float] = {}
     for prefix, s, r in ((prefixes[0], scores, rel), (prefixes[1], scores.T, rel.T)):
-        out.update({f"{prefix}_R@{k}": v for k, v in recall_at_k(s, r, ks).items()})
+        out.update({f"{prefix}_recall_at_{k}": v for k, v in recall_at_k(s, r, ks).items()})
         out[f"{prefix}_mAP"] = mean_average_precision(s, r)
     return out

@@ -97,8 +97,8 @@ class ClipObjective(Objective):
         loss: "infonce" (learnable log temperature, init log(1/0.07), exp clamped at 100) or
             "siglip" (learnable t' and b, init log 10 and -10).
         trust_remote_code: let the text model run its own code (see `fm3d.text.TextTower`).
-    Metric: `i2t_R@1`, image->report recall@1 within the global (gathered) batch, valid rows only.
-    Validation: `i2t_/t2i_R@{1,5,10}` and `mAP` over the whole validation set.
+    Metric: `i2t_recall_at_1`, image->report recall@1 within the global (gathered) batch, valid rows only.
+    Validation: `i2t_/t2i_recall_at_{1,5,10}` and `mAP` over the whole validation set.
     The trained heads are `self.clip` (save with `fm3d.clip.save_clip`).
     """
 
@@ -163,7 +163,7 @@ class ClipObjective(Objective):
             scores = (all_image @ all_text.T)[all_valid][:, all_valid]
             recall = recall_at_k(scores, ks=(1,))[1] if scores.numel() else 0.0
         metrics = {
-            "i2t_R@1": torch.tensor(recall, dtype=torch.float32),
+            "i2t_recall_at_1": torch.tensor(recall, dtype=torch.float32),
             "temperature": (1.0 / scale).detach(),
             "valid_fraction": all_valid.float().mean(),
         }

@@ -57,7 +57,7 @@ class PhenotypeObjective(Objective):
         num_phenotypes: P, the width of `batch["phenotype"]` (the EHR label table's phenotypes).
     Loss: mean BCE over the observed (study, phenotype) entries of the batch.
     Metric: `positive_rate` (share of observed labels that are positive, a sanity check);
-    validation `auroc` (macro over phenotypes with both classes observed) and `auroc_phenotypes`.
+    validation `auroc` (macro over phenotypes with both classes observed; how many is logged).
     """
 
     name = "phenotype"
@@ -118,4 +118,7 @@ class PhenotypeObjective(Objective):
         if evaluated == 0:
             logger.info("phenotype AUROC skipped: no phenotype has both classes in the validation set")
             return {}
-        return {"auroc": auroc, "auroc_phenotypes": float(evaluated)}
+        logger.info(
+            "phenotype AUROC over the %d phenotypes with both classes in the validation set", evaluated
+        )
+        return {"auroc": auroc}

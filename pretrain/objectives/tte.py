@@ -65,7 +65,7 @@ class TimeToEventObjective(Objective):
     day of a zero bias, whose loss on times of years would be in the thousands); call
     `init_from_labels` with the training labels to start from each task's own rate, as MOTOR does.
     Loss: mean NLL per observed (study, task) pair. Metric: `event_rate` of the batch.
-    Validation: `c_index` (mean Harrell's C over tasks with events) and `c_index_tasks`.
+    Validation: `c_index` (mean Harrell's C over tasks with events; how many is logged, not tracked).
     """
 
     name = "tte"
@@ -159,4 +159,5 @@ class TimeToEventObjective(Objective):
         if not scores:
             logger.info("time-to-event C-index skipped: no task has an event with comparable pairs")
             return {}
-        return {"c_index": float(np.mean(scores)), "c_index_tasks": float(len(scores))}
+        logger.info("time-to-event C-index over the %d tasks with comparable pairs", len(scores))
+        return {"c_index": float(np.mean(scores))}

@@ -40,8 +40,8 @@ def mlflow_runs(run_dir: Path) -> list[mlflow.entities.Run]:
     db = run_dir / "mlflow.db"
     assert db.is_file() and sqlite3.connect(db).execute("select count(*) from runs").fetchone()[0] > 0
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
-    experiment = client.get_experiment_by_name("fm3d-downstream")
-    return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    experiments = [e.experiment_id for e in client.search_experiments() if e.name.startswith("finetune/")]
+    return client.search_runs(experiments, order_by=["attributes.start_time ASC"])
 
 
 def metric_history(run_dir: Path, run_id: str, key: str) -> list[float]:

@@ -1,7 +1,8 @@
-"""`fm3d pretrain`: run folders, shipped configs, export at the end of fit, `--ckpt_path last`."""
+"""`fm3d pretrain`: run folders, shipped configs, best/last checkpoints, export of the best, summary."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,36 +12,89 @@ import fm3d
 from fm3d.cli import main as fm3d_main
 from fm3d.clip import load_clip
 from fm3d.data.cache import PreparedCache
-from pretrain.cli import PretrainConfigError, resolve_run_dir
+from fm3d.train.runs import RunFolderError, resolve_run_dir
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def finished_run(demo_cohort, run_config, tmp_path_factory) -> Path:
+def fit_output(demo_cohort, run_config, tmp_path_factory) -> tuple[Path, str]:
+    """A 6-step fit over 3 epochs of 2 batches (validation after each), and what it printed."""
+    import contextlib
+    import io
+
     tmp = tmp_path_factory.mktemp("cli")
-    config = run_config(demo_cohort, tmp / "run.yaml", max_steps=3, limit_train_batches=3)
-    status = fm3d_main(["pretrain", "fit", "--config", str(config), "--runs_root", str(tmp / "runs")])
+    config = run_config(demo_cohort, tmp / "run.yaml", max_steps=6, limit_train_batches=2)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = fm3d_main(["pretrain", "fit", "--config", str(config), "--runs_root", str(tmp / "runs")])
     assert status == 0
-    (run_dir,) = (tmp / "runs" / "test").iterdir()
+    return tmp / "runs" / "test", printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def finished_run(fit_output) -> Path:
+    (run_dir,) = (p for p in fit_output[0].iterdir() if p.name != "latest")
     return run_dir
 
 
 def test_fit_fills_the_run_folder(finished_run: Path) -> None:
     names = {p.name for p in finished_run.iterdir()}
-    assert {"config.yaml", "checkpoints", "export", "plots", "mlflow.db", "mlartifacts"} <= names
-    assert sorted(p.name for p in (finished_run / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert {"config.yaml", "checkpoints", "export", "plots", "metrics.json", "mlflow_run_id"} <= names
+    # One MLflow store for the whole runs root, beside the name folders.
+    assert not (finished_run / "mlflow.db").exists()
+    assert (finished_run.parent.parent / "mlflow.db").is_file()
+    assert (finished_run.parent / "latest").resolve() == finished_run.resolve()
+    assert sorted(p.name for p in (finished_run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
     assert (finished_run / "plots" / "loss_curves.png").stat().st_size > 0
     assert (finished_run / "plots" / "retrieval_recall_at_k.png").stat().st_size > 0
+    metrics = json.loads((finished_run / "metrics.json").read_text())
+    assert {"val/clip/loss", "val/clip/i2t_recall_at_5", "train/loss"} <= set(metrics)
 
 
-def test_exported_encoder_and_clip_match_the_last_checkpoint(finished_run: Path, demo_cohort) -> None:
+def test_fit_ends_with_a_summary(fit_output, finished_run: Path) -> None:
+    printed = fit_output[1]
+    summary = printed[printed.index("fm3d pretrain fit: done") :]
+    run = finished_run.resolve()
+    assert f"run folder   {run}" in summary and "latest" in summary
+    assert f"best ckpt    {run / 'checkpoints' / 'best.ckpt'}  (val/clip/loss " in summary
+    assert f"last ckpt    {run / 'checkpoints' / 'last.ckpt'}" in summary
+    assert (
+        f"exported     {run / 'export' / 'encoder'}, {run / 'export' / 'clip'}  (from best.ckpt: epoch"
+        in summary
+    )
+    assert f"metrics      {run / 'metrics.json'}" in summary
+    run_id = (finished_run / "mlflow_run_id").read_text()
+    assert f"MLflow       sqlite:///{run.parent.parent / 'mlflow.db'}  run {run_id}" in summary
+
+
+def test_the_best_checkpoint_is_exported(finished_run: Path) -> None:
+    """The export comes from best.ckpt (lowest CLIP validation loss) and says so, not from the last step."""
+    from mlflow import MlflowClient
+
+    best = torch.load(finished_run / "checkpoints" / "best.ckpt", weights_only=True)
+    last = torch.load(finished_run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 6
+    source = json.loads((finished_run / "export" / "source.json").read_text())
+    assert source["step"] == best["global_step"] and source["epoch"] == best["epoch"]
+    assert Path(source["checkpoint"]) == (finished_run / "checkpoints" / "best.ckpt").resolve()
+    client = MlflowClient(tracking_uri=f"sqlite:///{finished_run.parent.parent / 'mlflow.db'}")
+    history = client.get_metric_history((finished_run / "mlflow_run_id").read_text(), "val/clip/loss")
+    assert len(history) == 3  # one validation per epoch
+    # Epoch-end metrics are logged at the step before the checkpoint's global_step.
+    at_best = max((m for m in history if m.step <= source["step"]), key=lambda m: m.step)
+    assert source["score"] == pytest.approx(at_best.value) == min(m.value for m in history)
     encoder = fm3d.load_encoder(finished_run / "export" / "encoder")
-    checkpoint = torch.load(finished_run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert checkpoint["global_step"] == 3
+    for name, tensor in encoder.state_dict().items():
+        torch.testing.assert_close(tensor, best["state_dict"][f"encoder.{name}"], rtol=0, atol=0)
+
+
+def test_exported_encoder_and_clip_match_the_best_checkpoint(finished_run: Path, demo_cohort) -> None:
+    encoder = fm3d.load_encoder(finished_run / "export" / "encoder")
+    checkpoint = torch.load(finished_run / "checkpoints" / "best.ckpt", weights_only=True)
     for name, tensor in encoder.state_dict().items():
         torch.testing.assert_close(tensor, checkpoint["state_dict"][f"encoder.{name}"], rtol=0, atol=0)
-    from_ckpt = fm3d.load_encoder(finished_run / "checkpoints" / "last.ckpt")
+    from_ckpt = fm3d.load_encoder(finished_run / "checkpoints" / "best.ckpt")
     assert from_ckpt.config == encoder.config
     # The config states the input the weights were trained on: the data module's window, range and
     # the prepared cache's spacing, not the registry's defaults.
@@ -73,12 +127,13 @@ def test_resolved_config_is_saved(finished_run: Path) -> None:
 def test_ckpt_path_last_resumes_the_newest_run(finished_run: Path, demo_cohort, run_config, tmp_path) -> None:
     runs_root = finished_run.parent.parent
     assert resolve_run_dir("test", runs_root, ckpt_path="last", environ={}) == finished_run
-    config = run_config(demo_cohort, tmp_path / "more.yaml", max_steps=4, limit_train_batches=3)
+    config = run_config(demo_cohort, tmp_path / "more.yaml", max_steps=7, limit_train_batches=2)
     argv = ["pretrain", "fit", "--config", str(config), "--runs_root", str(runs_root), "--ckpt_path", "last"]
     assert fm3d_main(argv) == 0
-    assert [p for p in (runs_root / "test").iterdir()] == [finished_run]  # no new folder
+    assert sorted(p.name for p in (runs_root / "test").iterdir()) == sorted(["latest", finished_run.name])
+    # Step 7 stops in the middle of an epoch: last.ckpt is still written at the end of fit.
     checkpoint = torch.load(finished_run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert checkpoint["global_step"] == 4
+    assert checkpoint["global_step"] == 7
 
 
 def test_run_dir_rules(tmp_path: Path) -> None:
@@ -88,7 +143,7 @@ def test_run_dir_rules(tmp_path: Path) -> None:
     assert resolve_run_dir("a", tmp_path, environ={"TORCHELASTIC_RUN_ID": "job7"}) == tmp_path / "a" / "job7"
     stamped = resolve_run_dir("a", tmp_path, environ={"TORCHELASTIC_RUN_ID": "none"})
     assert stamped.parent == tmp_path / "a" and stamped.name[:2] == "20"
-    with pytest.raises(PretrainConfigError, match="no earlier run of 'a'"):
+    with pytest.raises(RunFolderError, match="no earlier run of 'a'"):
         resolve_run_dir("a", tmp_path, ckpt_path="last", environ={})
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from pretrain.tracking import local_tracking_uri
+from fm3d.train.tracking import local_tracking_uri
 
 FM3D = Path(sys.executable).parent / "fm3d"
 
@@ -68,7 +68,7 @@ def test_ddp_two_cpu_processes_with_every_modality_missing(demo_cohort, run_conf
     assert "All distributed processes registered. Starting with 2 processes" in done.stderr
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
     client = MlflowClient(tracking_uri=local_tracking_uri(run_dir))
-    (run,) = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    (run,) = client.search_runs([client.get_experiment_by_name("pretrain/test").experiment_id])
 
     def history(key: str) -> list[float]:
         return [

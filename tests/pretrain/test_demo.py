@@ -30,7 +30,7 @@ from fm3d.clip import load_clip
 from fm3d.data.datamodule import CTDataModule
 from fm3d.metrics.retrieval import recall_at_k
 from fm3d.text import init_text_model
-from pretrain.tracking import local_tracking_uri
+from fm3d.train.tracking import local_tracking_uri
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -104,7 +104,7 @@ def test_demo_run_retrieves_held_out_reports_and_ranks_risk(tmp_path: Path) -> N
     )
 
     client = MlflowClient(tracking_uri=local_tracking_uri(run_dir))
-    (run,) = client.search_runs([client.get_experiment_by_name("demo").experiment_id])
+    (run,) = client.search_runs([client.get_experiment_by_name("pretrain/demo").experiment_id])
     logged = run.data.metrics
 
     # Recompute image->report R@5 on the held-out studies from the exported folders.
@@ -123,7 +123,11 @@ def test_demo_run_retrieves_held_out_reports_and_ranks_risk(tmp_path: Path) -> N
     recall5 = recall_at_k(images @ reports.T, ks=(5,))[5]
     chance = 5 / held_out
     assert held_out >= 15
-    assert recall5 == pytest.approx(logged["val/clip/i2t_R5"], abs=1e-4)
+    # The export is the best checkpoint's (export/source.json): compare with R@5 logged at its step.
+    source = json.loads((run_dir / "export" / "source.json").read_text())
+    history = client.get_metric_history(run.info.run_id, "val/clip/i2t_recall_at_5")
+    at_best = max((m for m in history if m.step <= source["step"]), key=lambda m: m.step)
+    assert recall5 == pytest.approx(at_best.value, abs=1e-4)
     unmet = []
     if recall5 < 2 * chance:
         unmet.append(f"R@5 {recall5:.3f} on {held_out} held-out studies, under twice chance ({chance:.3f})")

@@ -64,7 +64,7 @@ def test_total_loss_is_the_weighted_sum(tiny_text_model, batch_factory, tmp_path
     trainer = _fit(module, [batch_factory(4)], tmp_path)
     metrics = trainer.callback_metrics
     torch.testing.assert_close(metrics["train/loss"], 0.25 * metrics["train/clip/loss"])
-    assert "train/clip/i2t_R@1" in metrics
+    assert "train/clip/i2t_recall_at_1" in metrics
 
 
 def test_checkpoint_rebuilds_the_encoder_with_weights_only(tiny_text_model, batch_factory, tmp_path) -> None:

@@ -16,14 +16,14 @@ import pytest
 from mlflow import MlflowClient
 
 from fm3d.cli import main as fm3d_main
-from pretrain.tracking import local_tracking_uri
+from fm3d.train.tracking import local_tracking_uri
 
 LOSSES = ("train/loss", "train/voco/loss", "train/clip/loss", "train/phenotype/loss", "train/tte/loss")
 
 
 def _losses(run_dir: Path) -> dict[str, list[float]]:
     client = MlflowClient(tracking_uri=local_tracking_uri(run_dir))
-    (run,) = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    (run,) = client.search_runs([client.get_experiment_by_name("pretrain/test").experiment_id])
     return {
         key: [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
         for key in LOSSES

@@ -36,6 +36,7 @@ def cli_args(kit: SimpleNamespace, conf, run, cache) -> list[str]:
         "--model.clip", str(kit.clip), "--model.embedding_cache", str(cache),
         "--data.cache", str(kit.cache), "--data.image_size", "[16, 32, 32]", "--data.num_workers", "0",
         "--data.batch_size", "3", "--data.fixed_splits", f"{{test: {kit.studies}}}",
+        "--data.report_columns", "[findings, impression]",  # the kit's CLIP text (the YAML reads impressions)
         "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false",
     ]  # fmt: skip
 
@@ -63,9 +64,9 @@ def test_retrieval_through_the_cli(language_kit: SimpleNamespace, cli_kit: Simpl
     )
     scores = (torch.stack([image[s] for s in language_kit.studies]) @ embed_texts(clip, reports).T).numpy()
     for k in (1, 5):
-        assert metrics[f"image_to_report_R@{k}"] == pytest.approx(recall_by_ranking(scores, k))
-        assert metrics[f"report_to_image_R@{k}"] == pytest.approx(recall_by_ranking(scores.T, k))
-    assert metrics["image_to_report_R@50"] == 1.0  # 8 studies: K beyond the gallery finds everything
+        assert metrics[f"image_to_report_recall_at_{k}"] == pytest.approx(recall_by_ranking(scores, k))
+        assert metrics[f"report_to_image_recall_at_{k}"] == pytest.approx(recall_by_ranking(scores.T, k))
+    assert metrics["image_to_report_recall_at_50"] == 1.0  # 8 studies: K beyond the gallery finds everything
     eye = np.eye(len(scores), dtype=bool)
     assert metrics["image_to_report_mAP"] == pytest.approx(label_ranking_average_precision_score(eye, scores))
     assert metrics["report_to_image_mAP"] == pytest.approx(
@@ -148,13 +149,13 @@ def test_report_csv_tokenisation_and_text_retrieval_on_ct_rate(shared_data, tmp_
     texts = [findings[s] for s in ids]
     same = torch.tensor([[a == b for b in texts] for a in texts])
     itself = retrieval_metrics(f @ f.T, same, ks=(1,), prefixes=("a", "b"))
-    assert itself["a_R@1"] == pytest.approx(1.0) and itself["a_mAP"] == pytest.approx(1.0, abs=1e-6)
+    assert itself["a_recall_at_1"] == pytest.approx(1.0) and itself["a_mAP"] == pytest.approx(1.0, abs=1e-6)
     # findings -> impression of the same study: metrics as sklearn / a direct ranking compute them
     scores = (f @ i.T).numpy()
     metrics = retrieval_metrics(f @ i.T, ks=(1, 10, 50), prefixes=("f2i", "i2f"))
     eye = np.eye(len(ids), dtype=bool)
     assert metrics["f2i_mAP"] == pytest.approx(label_ranking_average_precision_score(eye, scores))
-    assert metrics["i2f_R@10"] == pytest.approx(recall_by_ranking(scores.T, 10))
+    assert metrics["i2f_recall_at_10"] == pytest.approx(recall_by_ranking(scores.T, 10))
 
 
 def test_retrieval_reads_a_ct_rate_style_report_csv(
@@ -172,7 +173,8 @@ def test_retrieval_reads_a_ct_rate_style_report_csv(
     args += ["--data.report_columns", "[Findings_EN, Impressions_EN]"]
     args += ["--data.fixed_splits", f"{{test: {language_kit.studies[:6]}}}"]
     task = build_cli(["test", *args]).model
-    assert task.evaluation.metrics["gallery_size"] == 6
+    assert "gallery_size" not in task.evaluation.metrics  # a count: in the table, not a metric
+    assert set(task.evaluation.tables["recall_at_k"]["gallery_size"].to_list()) == {6}
     text = load_file(str(next((tmp_path / "embeddings").iterdir()) / "text.safetensors"))
     clip = load_clip(language_kit.clip).eval()
     ids = language_kit.studies[:6]

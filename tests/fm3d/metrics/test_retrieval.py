@@ -24,8 +24,8 @@ def test_recall_by_hand_without_ties():
     # Columns retrieve rows: item 0 -> query 0 1st; item 1 -> query 1 1st (0.5 > 0.3, 0.1);
     # item 2 -> query 2 ties query 0 behind query 1.
     metrics = retrieval_metrics(scores, ks=(1,))
-    assert metrics["i2t_R@1"] == pytest.approx(1 / 3)
-    assert metrics["t2i_R@1"] == pytest.approx(2 / 3)
+    assert metrics["i2t_recall_at_1"] == pytest.approx(1 / 3)
+    assert metrics["t2i_recall_at_1"] == pytest.approx(2 / 3)
     # AP with one relevant item is 1 / rank: (1 + 1/3 + 1/2) / 3.
     assert metrics["i2t_mAP"] == pytest.approx((1 + 1 / 3 + 1 / 2) / 3)
 

@@ -91,7 +91,7 @@ def _two_steps(model: DistributedDataParallel, inputs: dict, start: int, stop: i
         value.backward()
         results[iteration] = {
             "loss": value.detach(),
-            "recall": metrics["i2t_R@1"],
+            "recall": metrics["i2t_recall_at_1"],
             "input_grad": pooled.grad.detach(),
             "param_grads": {
                 n: p.grad.detach().clone() for n, p in model.module.named_parameters() if p.requires_grad

@@ -100,7 +100,7 @@ def test_objective_matches_the_loss_on_its_embeddings(text_model, loss_kind):
             image, text, 0, valid, valid, objective.clip.scale(), objective.clip.logit_bias
         )
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert set(metrics) == {"i2t_R@1", "temperature", "valid_fraction"}
+    assert set(metrics) == {"i2t_recall_at_1", "temperature", "valid_fraction"}
     assert metrics["valid_fraction"].item() == pytest.approx(0.75)
 
 
@@ -115,7 +115,7 @@ def test_recall_metric_counts_valid_rows_only(text_model):
         # Pooled inputs whose projections equal their own report's embedding: R@1 = 1.
         pooled = torch.linalg.lstsq(objective.clip.image_projection.weight, text.T).solution.T
         _, metrics = objective(batch, _encoded(pooled))
-    assert metrics["i2t_R@1"].item() == 1.0
+    assert metrics["i2t_recall_at_1"].item() == 1.0
 
 
 def test_every_parameter_gets_a_gradient_without_any_report(text_model):
@@ -137,8 +137,15 @@ def test_validation_retrieval_over_the_epoch(text_model):
         batch = {"report": reports, "has_report": torch.tensor([True, start == 0])}
         objective.update_validation(batch, _encoded(torch.randn(2, 8)))
     metrics = objective.compute_validation()
-    assert {"i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "i2t_mAP", "t2i_mAP"} <= set(metrics)
-    assert metrics["i2t_R@5"] == 1.0  # 3 valid studies: everything is in the top 5
+    assert {
+        "i2t_recall_at_1",
+        "i2t_recall_at_5",
+        "i2t_recall_at_10",
+        "t2i_recall_at_1",
+        "i2t_mAP",
+        "t2i_mAP",
+    } <= set(metrics)
+    assert metrics["i2t_recall_at_5"] == 1.0  # 3 valid studies: everything is in the top 5
     objective.reset_validation()
     assert objective.compute_validation() == {}
 
@@ -167,4 +174,4 @@ def test_training_aligns_images_with_their_reports(text_model):
     with torch.no_grad():
         _, metrics = objective(batch, _encoded(pooled))
     assert losses[-1] < 0.5 * losses[0]
-    assert metrics["i2t_R@1"].item() == 1.0
+    assert metrics["i2t_recall_at_1"].item() == 1.0

@@ -60,7 +60,7 @@ def test_two_process_clip_equals_single_process(tmp_path):
         _compare(text_model, loss, inputs, [torch.load(tmp_path / f"{loss}{r}.pt") for r in range(2)])
     # Epoch-level validation metrics gather every rank's rows: both ranks see the whole set.
     single = clip_ddp_worker.validation_metrics(text_model, inputs, 0, 5)
-    assert {"i2t_R@1", "auroc", "c_index"} <= {key for metrics in single.values() for key in metrics}
+    assert {"i2t_recall_at_1", "auroc", "c_index"} <= {key for metrics in single.values() for key in metrics}
     for rank in range(2):
         distributed = torch.load(tmp_path / f"validation{rank}.pt")
         for name, metrics in single.items():
@@ -81,7 +81,7 @@ def _compare(text_model: str, loss: str, inputs: dict, ranks: list[dict]) -> Non
             torch.testing.assert_close(
                 results[rank]["input_grad"], 2 * pooled.grad[start:stop], rtol=1e-4, atol=1e-7
             )
-            assert results[rank]["recall"].item() == pytest.approx(metrics["i2t_R@1"].item())
+            assert results[rank]["recall"].item() == pytest.approx(metrics["i2t_recall_at_1"].item())
         for name, param in single.named_parameters():
             if not param.requires_grad:
                 continue
