@@ -3,10 +3,11 @@
 fm3d's docstrings describe parameters and attributes as `name: what it is` lines, either under
 an `Args:` / `Attributes:` header or on their own after the summary. Python-Markdown runs such
 lines together into one paragraph, and griffe's Google parser warns on the house forms
-(`start, end: ...`, `(lr, ...: see X.)`), which fail the strict build. This extension leaves the words alone and only changes their markup:
-each field becomes a list item with its names as code, and a literal `<name>` (a path pattern
-such as `<run>/predictions`) is escaped so the browser shows it instead of dropping it as a tag.
-mkdocs.yml loads it for the API pages (mkdocstrings `extensions:`).
+(`start, end: ...`, `(lr, ...: see X.)`), which fail the strict build. This extension leaves
+the words alone and only changes their markup: each field becomes a list item with its names
+as code, and a literal `<name>` (a path pattern such as `<run>/predictions`) is escaped so the
+browser shows it instead of dropping it as a tag. mkdocs.yml loads it for the API pages
+(mkdocstrings `extensions:`).
 """
 
 from __future__ import annotations
