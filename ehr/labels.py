@@ -30,12 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from tqdm.auto import tqdm
 
 from ehr.binning import quantile_bin_edges
 from ehr.errors import StudyTableError, TaskSpecError
 from ehr.meds import MEDSDataset
 from ehr.vocab import code_ancestors, phenotype_codes, validate_phenotypes
+from fm3d.train.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def build_study_labels(
     # one shard's scan needs instead of polars reading ahead across all files.
     any_prefix = "^(?:" + "|".join(re.escape(p) for group in phenotypes.values() for p in group) + ")"
     lasts, task_parts, matched_parts = [], [], []
-    for path in tqdm(
+    for path in progress(
         dataset.files, desc="labels: scanning shards", unit="shard", disable=len(dataset.files) < 4
     ):
         events = dataset.events(columns=("subject_id", "time", "code"), files=[path]).filter(

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-from tqdm import tqdm
 
 from fm3d.data import atomic, journal
 from fm3d.data.cache import FAILURES_FILE, INDEX_FILE, LABEL_NAMES_FILE, LABELS_DIR, STUDIES_DIR
@@ -39,6 +38,7 @@ from fm3d.data.preprocess import PreprocessSettings
 from fm3d.data.study import StudyTask, failed_row, prepare_study, untouched
 from fm3d.data.workers import run_in_processes
 from fm3d.errors import Fm3dError
+from fm3d.train.progress import progress as progress_lines
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def _prepare_locked(
     pending = [task for task in tasks if not untouched(task, out, limits)]
     counts = {"prepared": 0, "skipped": len(tasks) - len(pending), "failed": 0}
     results: dict[str, dict[str, Any]] = {}
-    bar = tqdm(
+    bar = progress_lines(
         total=len(tasks), initial=counts["skipped"], desc="fm3d prepare", unit="study", disable=not progress
     )
     for row in _run(pending, out, settings, limits, workers):

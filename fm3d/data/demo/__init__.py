@@ -26,13 +26,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import polars as pl
-from tqdm import tqdm
 
 from fm3d.data.demo.cohort import FINDING_TYPES, Patient, sample_cohort
 from fm3d.data.demo.meds import PHENOTYPES, phenotype_yaml, write_meds
 from fm3d.data.demo.reports import write_report
 from fm3d.data.demo.volumes import LABELS, SHAPE, SPACING_MM, affine_ras, synthesize
 from fm3d.data.split import assign_splits
+from fm3d.train.progress import progress as progress_lines
 
 __all__ = ["LABELS", "PHENOTYPES", "SHAPE", "SPACING_MM", "generate_demo_cohort", "main"]
 
@@ -71,7 +71,7 @@ def generate_demo_cohort(
     patients: list[Patient] = sample_cohort(num_studies, rng)
     rows, finding_rows = [], []
     studies = [(p, s) for p in patients for s in p.studies]
-    for patient, study in tqdm(studies, desc="demo studies", unit="study", disable=not progress):
+    for patient, study in progress_lines(studies, "demo studies", unit="study", disable=not progress):
         image, labels = synthesize(patient.anatomy, study.findings, study.shift_mm, study.noise_seed)
         _write_nifti(out / "images" / f"{study.study_id}.nii.gz", image)
         _write_nifti(out / "labels" / f"{study.study_id}.nii.gz", labels)
