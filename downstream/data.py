@@ -29,6 +29,7 @@ import polars as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from downstream.label_names import LABEL_NAMES_FILE, read_label_names, resolve_classes
 from ehr.errors import TaskSpecError
 from ehr.labels import read_label_description
 from fm3d.data.cache import PreparedCache
@@ -229,10 +230,16 @@ class _WholeVolumes(Dataset):
 class SegmentationDataModule(CacheDataModule):
     """Prepared CTs with label maps, for the segmentation task (see the module docstring).
 
+    Label names come from the data (`downstream.label_names`): the cache's labels.json, or the
+    file `label_names` points to, names each label value; the config picks classes by name or by
+    value, and a config whose names disagree with the data's is refused.
+
     Args:
         label_values: label-map values to segment, in class order (class k + 1 = label_values[k]);
-            every other value is background.
-        class_names: one name per label value (reports and plots).
+            every other value is background. None: the values of `class_names` in the data's names.
+        class_names: one name per class. None: the data's names of `label_values` (of every named
+            foreground value when both are None).
+        label_names: a labels.json ({"<value>": "<name>"}); None: `<cache>/labels.json` when present.
         roi_size: training crop (D, H, W) in voxels; must be divisible by the encoder's patch.
         samples_per_volume: crops per study per epoch.
         foreground_ratio: probability that a crop is centred on a foreground voxel.
@@ -241,8 +248,9 @@ class SegmentationDataModule(CacheDataModule):
     def __init__(
         self,
         cache: str,
-        label_values: list[int],
-        class_names: list[str],
+        label_values: list[int] | None = None,
+        class_names: list[str] | None = None,
+        label_names: str | None = None,
         roi_size: tuple[int, int, int] = (64, 64, 64),
         samples_per_volume: int = 4,
         foreground_ratio: float = 0.67,
@@ -253,10 +261,9 @@ class SegmentationDataModule(CacheDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__(cache, split_fractions, seed, fixed_splits, batch_size, num_workers)
-        if len(label_values) != len(class_names):
-            raise TaskDataError(f"{len(label_values)} label_values but {len(class_names)} class_names")
-        self.label_values = list(label_values)
-        self.class_names = list(class_names)
+        names_file = Path(label_names) if label_names is not None else Path(cache) / LABEL_NAMES_FILE
+        names = read_label_names(names_file) if label_names is not None or names_file.is_file() else None
+        self.label_values, self.class_names = resolve_classes(label_values, class_names, names, names_file)
         self.roi_size = tuple(roi_size)
         self.samples_per_volume = samples_per_volume
         self.foreground_ratio = foreground_ratio

@@ -39,7 +39,8 @@ class SegmentationTask(DownstreamTask):
     """Volumetric segmentation of `class_names` (background is class 0, added here).
 
     Args:
-        class_names: foreground class names, in label order (linked from the data module).
+        class_names: foreground class names, in label order (linked from the data module, which
+            takes them from the data's labels.json).
         roi_size: sliding-window ROI (D, H, W); divisible by the encoder's patch (32 for swin).
         overlap: sliding-window overlap fraction.
         sw_batch_size: windows per forward pass during inference.
@@ -49,7 +50,11 @@ class SegmentationTask(DownstreamTask):
     """
 
     datamodule_class = SegmentationDataModule
-    cli_links = (("data.class_names", "model.class_names"), ("data.roi_size", "model.roi_size"))
+    # class_names from the instantiated data module: it resolves them against the data's labels.json.
+    cli_links = (
+        ("data", "model.class_names", lambda data: data.class_names),
+        ("data.roi_size", "model.roi_size"),
+    )
 
     def __init__(
         self,

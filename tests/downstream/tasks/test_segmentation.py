@@ -3,6 +3,7 @@ and the predicted NIfTI overlays the source CT (same shape and affine)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,11 +12,15 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+import yaml
 
 import fm3d
 from downstream.cli import main as finetune
+from downstream.data import SegmentationDataModule
 from downstream.evaluate import main as evaluate
+from downstream.label_names import LabelNamesError
 from downstream.tasks.segmentation import SegmentationTask
+from fm3d.data.cache import PreparedCache
 from fm3d.data.prepare import prepare_cache
 from fm3d.data.preprocess import PreprocessSettings
 from fm3d.metrics.segmentation import dice_per_class
@@ -94,8 +99,6 @@ def test_segmentation_fit_evaluate_predict_on_totalsegmentator(
 
 def test_sliding_window_dice_matches_the_metric_on_the_full_volume(totalseg_cache: tuple[Path, Path]) -> None:
     _, cache = totalseg_cache
-    from fm3d.data.cache import PreparedCache
-
     task = SegmentationTask(
         "vit3d_tiny", ["liver"], roi_size=(16, 32, 32), feature_size=8,
         encoder_overrides={"embed_dim": 32, "depth": 3, "num_heads": 2, "patch_size": 8},
@@ -110,3 +113,98 @@ def test_sliding_window_dice_matches_the_metric_on_the_full_volume(totalseg_cach
     assert torch.allclose(
         out.collect["dice"], dice_per_class(logits.argmax(1, keepdim=True), label, 2), equal_nan=True
     )
+
+
+# ---- class names from the data's labels.json (the demo: 1 = liver, 2 = spleen, ...) ---------------
+
+
+def _demo_args(kit: SimpleNamespace, cache: Path, run: Path, *extra: str) -> list[str]:
+    """The shipped segmentation.yaml on the demo cache, with a tiny encoder and crops."""
+    return [
+        "--config", str(kit.conf / "segmentation.yaml"), "--data.cache", str(cache),
+        "--model.encoder", "vit3d_tiny", "--model.encoder_overrides", kit.tiny_vit,
+        "--model.strategy.name", "full", "--model.feature_size", "8", "--model.sw_batch_size", "4",
+        "--data.roi_size", "[16, 32, 32]", "--data.num_workers", "0", "--data.samples_per_volume", "1",
+        "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false", *extra,
+    ]  # fmt: skip
+
+
+def test_prepare_carries_the_label_names_and_the_data_module_maps_names_to_their_values(
+    demo_cohort: Path,
+) -> None:
+    cache = demo_cohort / "cache"
+    assert json.loads((cache / "labels.json").read_text()) == json.loads(
+        (demo_cohort / "labels.json").read_text()
+    )
+    data = SegmentationDataModule(str(cache), class_names=["spleen", "liver"])
+    assert data.label_values == [2, 1]
+    study = PreparedCache(cache).index["study_id"][0]
+    raw = np.asarray(PreparedCache(cache).label(study))
+    data.setup("fit")
+    mapped = data.class_map(study)
+    assert (raw == 2).any() and (raw == 1).any()
+    np.testing.assert_array_equal(mapped == 1, raw == 2)  # class 1 is the spleen, label value 2
+    np.testing.assert_array_equal(mapped == 2, raw == 1)  # class 2 is the liver, label value 1
+    every = SegmentationDataModule(str(cache))
+    assert every.class_names[:4] == ["liver", "spleen", "kidney_right", "kidney_left"]
+    assert every.label_values == sorted(every.label_values) and 0 not in every.label_values
+    named = SegmentationDataModule(str(cache), label_values=[4, 1])
+    assert named.class_names == ["kidney_left", "liver"]
+
+
+def test_shipped_config_segments_the_organs_the_demo_labels_name(
+    demo_cohort: Path, tmp_path: Path, cli_kit: SimpleNamespace
+) -> None:
+    run = tmp_path / "run"
+    fit = ["fit", *_demo_args(cli_kit, demo_cohort / "cache", run), "--trainer.max_steps", "2",
+           "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1"]  # fmt: skip
+    assert finetune(fit) == 0
+    checkpoint = next(run.rglob("*.ckpt"))
+    out = tmp_path / "evaluation"
+    args = _demo_args(cli_kit, demo_cohort / "cache", run, "--trainer.limit_test_batches", "1")
+    assert evaluate([*args, "--ckpt_path", str(checkpoint), "--out", str(out)]) == 0
+    shipped = yaml.safe_load((cli_kit.conf / "segmentation.yaml").read_text())["data"]["class_names"]
+    assert pl.read_csv(out / "dice_per_class.csv")["class"].to_list() == shipped
+
+
+def test_class_names_that_contradict_the_labels_json_are_refused_naming_both(
+    demo_cohort: Path, tmp_path: Path, cli_kit: SimpleNamespace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # TotalSegmentator's values and names on the demo cache, where 1 is the liver, not the spleen.
+    args = _demo_args(cli_kit, demo_cohort / "cache", tmp_path / "run",
+                      "--data.label_values", ORGANS, "--data.class_names", NAMES)  # fmt: skip
+    assert finetune(["fit", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("fm3d finetune: ")
+    assert str(demo_cohort / "cache" / "labels.json") in err
+    assert "1 = 'liver' there but 'spleen' in class_names" in err
+    assert "5 = 'lung_right' there but 'liver' in class_names" in err
+    assert "data.class_names to null" in err
+    assert not list((tmp_path / "run").rglob("*.ckpt"))
+
+    with pytest.raises(LabelNamesError, match=r"\['pancreas'\] are not label names of .*labels.json; "
+                       r"its names are \[.*'liver'.*\]"):  # fmt: skip
+        SegmentationDataModule(str(demo_cohort / "cache"), class_names=["liver", "pancreas"])
+    with pytest.raises(LabelNamesError, match=r"label_values \[99\] have no name in .*labels.json"):
+        SegmentationDataModule(str(demo_cohort / "cache"), label_values=[1, 99])
+
+
+def test_a_cache_without_label_names_needs_both_lists(totalseg_cache: tuple[Path, Path]) -> None:
+    _, cache = totalseg_cache
+    assert not (cache / "labels.json").exists()
+    both = r"no labels.json .* both data.label_values and data.class_names"
+    with pytest.raises(LabelNamesError, match=both):
+        SegmentationDataModule(str(cache), class_names=["liver"])
+    with pytest.raises(LabelNamesError, match="2 label_values but 1 class_names"):
+        SegmentationDataModule(str(cache), label_values=[1, 5], class_names=["liver"])
+    assert SegmentationDataModule(str(cache), label_values=[5], class_names=["liver"]).label_values == [5]
+
+
+def test_a_damaged_label_names_file_is_refused_naming_it(demo_cohort: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "names.json"
+    bad.write_text('["liver", "spleen"]')
+    with pytest.raises(LabelNamesError, match=rf"{bad} must map integer label values to names"):
+        SegmentationDataModule(str(demo_cohort / "cache"), label_names=str(bad))
+    with pytest.raises(LabelNamesError, match=rf"cannot read the label names {tmp_path / 'none.json'}"):
+        SegmentationDataModule(str(demo_cohort / "cache"), label_names=str(tmp_path / "none.json"))
