@@ -327,10 +327,11 @@ def _nrrd_compressed(
             source.close()
     data = out[-declared:] if byte_skip == -1 else out[skip : skip + declared]
     if len(data) != declared or len(out) > limit:
+        held = f"more than {declared}" if len(out) > limit else str(max(len(out) - skip, 0))
         raise VolumeReadError(
             path,
-            f"is truncated or corrupt: it holds {'more than ' if len(out) > limit else ''}"
-            f"{len(out) - skip} bytes of {encoding} voxel data where its header declares {declared}",
+            f"is truncated or corrupt: it holds {held} bytes of {encoding} voxel data "
+            f"where its header declares {declared}",
             "re-export or re-copy the file",
         )
     array = np.frombuffer(bytes(data), dtype).reshape(tuple(int(n) for n in header["sizes"][::-1]))
