@@ -7,6 +7,7 @@ fails this suite, not only a later docs deploy.
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +74,16 @@ def test_api_reference_documents_the_public_face(site: Path) -> None:
             assert f'id="fm3d.{name}"' in html, f"docs/api/fm3d.md has no entry for fm3d.{name}"
 
 
+def test_heading_ids_are_css_selectors(site: Path) -> None:
+    """No id starts with a digit ("## 1. The demo"): the theme's contents sidebar looks ids up with
+    querySelector, which throws on such an id and stops the page's scripts (docs/overrides/hooks.py)."""
+    for page in site.rglob("*.html"):
+        if page.name == "404.html":
+            continue  # the theme's own template (a fixed "404-page-not-found" id, no contents sidebar)
+        bad = re.findall(r'id="(\d[^"]*)"', page.read_text())
+        assert not bad, f"{page.relative_to(site)}: ids starting with a digit: {bad[:3]}"
+
+
 def test_docstring_fields_render_as_lists(site: Path) -> None:
     """mkdocs.yml loads the docstring_fields extension: `EncoderOutput`'s `name: text` fields come
     out as list items named in code (the rules themselves: the format_fields test below)."""
@@ -81,17 +92,23 @@ def test_docstring_fields_render_as_lists(site: Path) -> None:
         assert f"<li><code>{field}</code>:" in html, f"EncoderOutput.{field} is not a list item"
 
 
-def _docstring_fields() -> ModuleType:
-    """docs/overrides/docstring_fields.py, the griffe extension mkdocs.yml loads (not a package)."""
-    path = DOCS / "overrides" / "docstring_fields.py"
-    spec = importlib.util.spec_from_file_location("docstring_fields", path)
+def _overrides_module(name: str) -> ModuleType:
+    """docs/overrides/<name>.py, build-time code mkdocs.yml loads by path (not a package)."""
+    spec = importlib.util.spec_from_file_location(name, DOCS / "overrides" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
+def test_slugs_never_start_with_a_digit() -> None:
+    slugify = _overrides_module("hooks").css_safe_slugify
+    assert slugify("1. The demo: cohort", "-") == "section-1-the-demo-cohort"
+    assert slugify("3D encoders", "-") == "section-3d-encoders"
+    assert slugify("The run folder", "-") == "the-run-folder"  # unchanged: Python-Markdown's slug
+
+
 def test_format_fields_keeps_the_words_and_marks_up_the_fields() -> None:
-    format_fields = _docstring_fields().format_fields
+    format_fields = _overrides_module("docstring_fields").format_fields
     bare = "Returns.\n\ntokens: [B, N, C] at <run>/x `<kept>`.\npooled: one\n    vector.\nPlain: text."
     assert format_fields(bare, {"tokens", "pooled"}) == (
         "Returns.\n\n- `tokens`: [B, N, C] at &lt;run>/x `<kept>`.\n- `pooled`: one\n    vector."
