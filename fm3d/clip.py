@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fm3d.atomic import atomic_folder, write_text_atomic
 from fm3d.errors import Fm3dError
+from fm3d.io import check_finite, read_safetensors, save_safetensors
 from fm3d.text import TextTower
 
 LOSSES = ("infonce", "siglip")
@@ -105,40 +106,111 @@ class ClipModel(nn.Module):
 
 
 def save_clip(model: ClipModel, directory: str | Path) -> Path:
-    """Write `model` to `directory` (config.json, heads.safetensors, text/) and return it."""
+    """Write `model` to `directory` (config.json, heads.safetensors, text/) and return it.
+
+    Each part is written atomically (a killed save leaves the previous complete part), the
+    config last, so a reader never finds a config.json describing parts not yet written.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model.text.save_pretrained(directory / "text")
+    with atomic_folder(directory / "text") as text_folder:
+        model.text.save_pretrained(text_folder)
     heads = {
         name: tensor.detach().cpu().contiguous()
         for name, tensor in model.state_dict().items()
         if not name.startswith("text.")
     }
-    save_file(heads, str(directory / "heads.safetensors"))
+    save_safetensors(heads, directory / "heads.safetensors")
     config = model.config.to_dict() | {"text_model": "text", "format": "fm3d-clip", "format_version": 1}
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    write_text_atomic(directory / "config.json", json.dumps(config, indent=2))
     return directory
 
 
-def load_clip(directory: str | Path, map_location: str | torch.device = "cpu") -> ClipModel:
-    """Rebuild the ClipModel that `save_clip` wrote to `directory`."""
+def _text_folder(directory: Path, raw: dict, config_path: Path) -> Path:
+    """The text model folder named by config.json, refused unless it lies inside `directory`.
+
+    A downloaded folder must not point its loader at files elsewhere on the machine (another
+    model's code, a home folder); a caller who means that passes `text_model=` explicitly.
+    """
+    named = raw.get("text_model", "text")
+    if not isinstance(named, str) or not named:
+        raise ClipLoadError(
+            f"{config_path}: `text_model` must be a folder name inside {directory}, got {named!r}"
+        )
+    folder = (directory / named).resolve()
+    if not folder.is_relative_to(directory.resolve()):
+        raise ClipLoadError(
+            f"{config_path}: `text_model` {named!r} points outside the CLIP folder ({folder}). fm3d loads "
+            "only the text model inside the folder; if you mean that other model, pass "
+            "load_clip(..., text_model=PATH) yourself"
+        )
+    return folder
+
+
+def load_clip(
+    directory: str | Path,
+    map_location: str | torch.device = "cpu",
+    *,
+    trust_remote_code: bool = False,
+    text_model: str | Path | None = None,
+) -> ClipModel:
+    """Rebuild the ClipModel that `save_clip` wrote to `directory`.
+
+    Nothing in the folder's own files can run code or reach outside it: a config.json asking
+    for `trust_remote_code` is refused unless the caller passes `trust_remote_code=True`, and
+    its `text_model` must be a folder inside `directory` unless the caller names one with
+    `text_model=` (as `trust_pickle` guards pickles in `fm3d.load_encoder`).
+    """
     directory = Path(directory)
     config_path, heads_path = directory / "config.json", directory / "heads.safetensors"
-    for path in (config_path, heads_path, directory / "text"):
-        if not path.exists():
+    for path in (config_path, heads_path):
+        if not path.is_file():
             raise ClipLoadError(
                 f"{path} is missing: {directory} is not a folder written by fm3d.clip.save_clip"
             )
-    raw = json.loads(config_path.read_text())
-    known = {f.name for f in fields(ClipConfig)}
-    config = ClipConfig(**{key: value for key, value in raw.items() if key in known})
-    config.text_model = str(directory / raw.get("text_model", "text"))
-    model = ClipModel(config)
-    heads = load_file(str(heads_path), device=str(map_location))
-    missing, unexpected = model.load_state_dict(heads, strict=False)
-    missing = [name for name in missing if not name.startswith("text.")]
-    if missing or unexpected:
+    try:
+        raw = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ClipLoadError(
-            f"{heads_path} does not match its config.json: missing {missing}, unexpected {unexpected}"
+            f"{config_path} is not valid JSON ({error}); save the CLIP model again"
+        ) from error
+    if not isinstance(raw, dict):
+        raise ClipLoadError(f"{config_path} holds a {type(raw).__name__}, not a JSON object; save it again")
+    if raw.get("trust_remote_code") and not trust_remote_code:
+        raise ClipLoadError(
+            f"{config_path} asks for trust_remote_code, which would run Python code shipped with the "
+            "model. A file cannot turn that on: if you trust its source, call "
+            "load_clip(..., trust_remote_code=True)"
         )
+    folder = Path(text_model) if text_model is not None else _text_folder(directory, raw, config_path)
+    if text_model is None and not folder.is_dir():
+        raise ClipLoadError(
+            f"{folder} is missing: {directory} is not a folder written by fm3d.clip.save_clip"
+        )
+    known = {f.name for f in fields(ClipConfig)}
+    try:
+        config = ClipConfig(**{key: value for key, value in raw.items() if key in known})
+    except (TypeError, ValueError) as error:
+        raise ClipLoadError(f"{config_path}: {error}; save the CLIP model again") from error
+    config.text_model = str(folder)
+    config.trust_remote_code = trust_remote_code
+    model = ClipModel(config)
+    heads = read_safetensors(heads_path, map_location)
+    expected = {
+        name: tuple(t.shape) for name, t in model.state_dict().items() if not name.startswith("text.")
+    }
+    wrong = [
+        f"{name}: file {tuple(heads[name].shape)} vs config {shape}"
+        for name, shape in expected.items()
+        if name in heads and tuple(heads[name].shape) != shape
+    ]
+    missing = [name for name in expected if name not in heads]
+    unexpected = [name for name in heads if name not in expected]
+    if missing or unexpected or wrong:
+        raise ClipLoadError(
+            f"{heads_path} does not match its config.json: missing {missing}, unexpected {unexpected}, "
+            f"wrong shapes {wrong}; save the CLIP model again"
+        )
+    check_finite(heads, heads_path)
+    model.load_state_dict(heads, strict=False)
     return model.to(map_location)

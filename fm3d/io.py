@@ -21,7 +21,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fm3d.atomic import atomic_path, write_text_atomic
 from fm3d.errors import Fm3dError
+from fm3d.models.config import EncoderConfigError
 from fm3d.models.registry import encoder_from_config
 
 logger = logging.getLogger(__name__)
@@ -43,26 +45,81 @@ class UnsafeCheckpointError(EncoderLoadError):
     """A checkpoint that holds arbitrary pickled objects, refused unless `trust_pickle=True`."""
 
 
+def save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
+    """Write tensors as .safetensors atomically (a killed save leaves the previous file whole)."""
+    with atomic_path(path) as temp:
+        save_file(tensors, temp, metadata=metadata)
+
+
 def save_encoder(encoder: nn.Module, directory: str | Path) -> Path:
-    """Write `encoder` to `directory` as config.json (family, sizes, preprocessing) + model.safetensors."""
+    """Write `encoder` to `directory` as config.json (family, sizes, preprocessing) + model.safetensors.
+
+    Both files are written atomically, weights first: a save killed in between leaves new
+    weights beside the old config, which loading refuses by shape instead of mixing silently.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = encoder.config.to_dict()
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in encoder.state_dict().items()}
-    save_file(state, directory / WEIGHTS_FILE, metadata={"format": "pt", "fm3d_name": config["name"]})
+    save_safetensors(state, directory / WEIGHTS_FILE, metadata={"format": "pt", "fm3d_name": config["name"]})
+    write_text_atomic(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
     logger.info("saved encoder %s to %s", config["name"], directory)
     return directory
 
 
+def _listed(names: list[str], limit: int = 12) -> str:
+    return ", ".join(names[:limit]) + (f" ... and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_finite(state: dict[str, torch.Tensor], source: Path) -> None:
+    """Refuse weights holding NaN or infinity: an encoder built from them returns NaN for every input."""
+    bad = {
+        name: int((~torch.isfinite(tensor)).sum())
+        for name, tensor in state.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    }
+    if bad:
+        counts = [f"{name} ({count} values)" for name, count in bad.items()]
+        raise EncoderLoadError(
+            f"{source}: {len(bad)} tensor(s) hold NaN or infinite values: {_listed(counts)}. The weights "
+            "come from a diverged run or a damaged file; export them again from a healthy checkpoint."
+        )
+
+
 def _load_strict(encoder: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
-    result = encoder.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    """Load `state` only when its names and shapes are exactly the encoder's, and its values finite."""
+    expected = {name: tuple(tensor.shape) for name, tensor in encoder.state_dict().items()}
+    not_tensors = [name for name, value in state.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise EncoderLoadError(
+            f"{source}: entries [{_listed(not_tensors)}] are not tensors; the file is not a saved state dict."
+        )
+    missing = [name for name in expected if name not in state]
+    unexpected = [name for name in state if name not in expected]
+    wrong = [
+        f"{name}: file {tuple(state[name].shape)} vs config {shape}"
+        for name, shape in expected.items()
+        if name in state and tuple(state[name].shape) != shape
+    ]
+    if missing or unexpected or wrong:
         raise EncoderLoadError(
             f"{source}: weights do not match the {encoder.config.name} config. "
-            f"Missing: {result.missing_keys[:20]}{' ...' if len(result.missing_keys) > 20 else ''}; "
-            f"unexpected: {result.unexpected_keys[:20]}{' ...' if len(result.unexpected_keys) > 20 else ''}."
+            f"Missing: [{_listed(missing)}]; unexpected: [{_listed(unexpected)}]; "
+            f"wrong shapes: [{_listed(wrong)}]. The config and the weights come from different models; "
+            "export the encoder again (or fix its config.json)."
         )
+    check_finite(state, source)
+    encoder.load_state_dict(state, strict=True)
+
+
+def _build(config: dict[str, Any], source: Path) -> nn.Module:
+    """The encoder a stored config describes; a config error names the file it came from."""
+    try:
+        return encoder_from_config(config)
+    except EncoderConfigError as error:
+        raise EncoderLoadError(f"{source}: {error}") from error
 
 
 def _unreadable(path: Path, error: Exception) -> EncoderLoadError:
@@ -105,7 +162,7 @@ def _fm3d_config(directory: Path) -> dict[str, Any] | None:
         return None
     try:
         config = json.loads(file.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise EncoderLoadError(f"{file} is not valid JSON ({error}); re-export the encoder.") from error
     # A Hugging Face model folder (M3D-CLIP) also has a config.json, with "model_type" instead.
     return config if isinstance(config, dict) and "family" in config else None
@@ -115,7 +172,7 @@ def _load_native(directory: Path, config: dict[str, Any], map_location: str | to
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise EncoderLoadError(f"{directory} has {CONFIG_FILE} but no {WEIGHTS_FILE}; re-export the encoder.")
-    encoder = encoder_from_config(config)
+    encoder = _build(config, directory / CONFIG_FILE)
     _load_strict(encoder, read_safetensors(weights, map_location), weights)
     return encoder
 
@@ -126,7 +183,11 @@ def _load_lightning(checkpoint: dict[str, Any], path: Path) -> nn.Module:
             f"{path} is not an fm3d Lightning checkpoint (no '{CKPT_CONFIG_KEY}' / 'state_dict'); "
             "pass format=... for a peer's weights."
         )
-    encoder = encoder_from_config(checkpoint[CKPT_CONFIG_KEY])
+    if not isinstance(checkpoint[CKPT_CONFIG_KEY], dict):
+        raise EncoderLoadError(
+            f"{path}: '{CKPT_CONFIG_KEY}' is not a config dict; save the checkpoint again."
+        )
+    encoder = _build(checkpoint[CKPT_CONFIG_KEY], path)
     if CKPT_MERGED_KEY in checkpoint:
         _load_strict(encoder, checkpoint[CKPT_MERGED_KEY], path)
         return encoder

@@ -10,6 +10,7 @@ BERT) for when no pretrained clinical text model is at hand, e.g. the demo and t
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -45,6 +46,28 @@ def clean_report(text: str | None, lowercase: bool = False) -> str:
     return cleaned.lower() if lowercase else cleaned
 
 
+def _refuse_shipped_code(folder: Path) -> None:
+    """Refuse a local model folder whose config names its own Python classes (`auto_map`).
+
+    Transformers would refuse too, but with a message about hub repositories; this names the
+    file and the one argument that allows it, which a file can never set for itself.
+    """
+    for name in ("config.json", "tokenizer_config.json"):
+        file = folder / name
+        if not file.is_file():
+            continue
+        try:
+            content = json.loads(file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise TextTowerError(f"{file} is not valid JSON ({error}); save the text model again") from error
+        if isinstance(content, dict) and content.get("auto_map"):
+            raise TextTowerError(
+                f"{file} names its own Python code (auto_map {content['auto_map']}), which loading would "
+                "run. fm3d runs a model's code only when the caller passes trust_remote_code=True; do so "
+                "only for a source you trust"
+            )
+
+
 class TextTower(nn.Module):
     """A Hugging Face text encoder and its tokenizer, pooled to one vector per text.
 
@@ -77,6 +100,8 @@ class TextTower(nn.Module):
         if pooling not in POOLINGS:
             raise TextTowerError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         source = str(model_name_or_path)
+        if not trust_remote_code:
+            _refuse_shipped_code(Path(source))
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
             self.model = AutoModel.from_pretrained(source, trust_remote_code=trust_remote_code)
@@ -167,8 +192,10 @@ def init_text_model(
     cleaned = [clean_report(t) for t in texts]
     if not any(cleaned):
         raise TextTowerError("init_text_model needs at least one non-empty text to learn a vocabulary from")
+    # No progress bar: away from a terminal it prints only blank lines, into the caller's stdout.
     tokenizer.train_from_iterator(
-        cleaned, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special)
+        cleaned,
+        trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False),
     )
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(

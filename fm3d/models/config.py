@@ -9,14 +9,19 @@ Sizes are in (D, H, W) order, like every array in fm3d.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from fm3d.errors import Fm3dError
+from fm3d.models.config_checks import (
+    EncoderConfigError,
+    check_budget,
+    check_field_types,
+    check_positive,
+)
 
-
-class EncoderConfigError(Fm3dError, ValueError):
-    """A configuration value or override that cannot build an encoder."""
+__all__ = ["EncoderConfig", "EncoderConfigError", "EncoderInputError", "Swin3DConfig", "ViT3DConfig"]
 
 
 class EncoderInputError(Fm3dError, ValueError):
@@ -44,8 +49,17 @@ class EncoderConfig:
     # Where the weights came from and the input they expect, beyond spacing and HU window
     # (peer format, file, axis order, intensity scaling); filled by fm3d.models.adapters.
     source: dict[str, Any] = field(default_factory=dict)
+    # Every family's config class by its `family`, filled as the classes are defined.
+    families: ClassVar[dict[str, type[EncoderConfig]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.family:
+            EncoderConfig.families[cls.family] = cls
 
     def __post_init__(self) -> None:
+        # Configs come from files: a wrong type is named here, not met as a torch error later.
+        check_field_types(self)
         # JSON turns tuples into lists; normalise so configs compare equal after a round trip.
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -61,6 +75,14 @@ class EncoderConfig:
                 f"{self.name or self.family}: target_spacing_mm needs 3 values (D, H, W), hu_window and "
                 f"intensity_range 2 (low, high); got {self.target_spacing_mm}, {self.hu_window} and "
                 f"{self.intensity_range}."
+            )
+        check_positive(self, ("in_chans", "target_spacing_mm"))
+        if not all(map(math.isfinite, self.hu_window + self.intensity_range)) or (
+            self.hu_window[0] >= self.hu_window[1] or self.intensity_range[0] == self.intensity_range[1]
+        ):
+            raise EncoderConfigError(
+                f"{self.name or self.family}: hu_window {self.hu_window} needs finite low < high and "
+                f"intensity_range {self.intensity_range} two different finite values."
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -128,6 +150,9 @@ class ViT3DConfig(EncoderConfig):
         super().__post_init__()
         self.patch_size = _triple(self.patch_size, "patch_size")
         self.img_size = _triple(self.img_size, "img_size")
+        check_positive(
+            self, ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "img_size", "norm_eps")
+        )
         if self.embed_dim % self.num_heads:
             raise EncoderConfigError(
                 f"{self.name}: embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}."
@@ -142,6 +167,23 @@ class ViT3DConfig(EncoderConfig):
             raise EncoderConfigError(
                 f"attention_backend must be auto, xformers, sdpa or math, not {self.attention_backend!r}."
             )
+        check_budget(
+            self,
+            self.estimated_parameters(),
+            f"embed_dim {self.embed_dim}, depth {self.depth}, "
+            f"{math.prod(self.grid)} tokens from img_size {self.img_size} / patch_size {self.patch_size}",
+        )
+
+    def estimated_parameters(self) -> int:
+        """Parameters + buffers the encoder allocates, from the config alone (before building it)."""
+        dim, hidden = self.embed_dim, int(self.embed_dim * self.mlp_ratio)
+        norms = 4 * dim + (2 * dim if self.layer_scale_init is not None else 0)
+        attention = 4 * dim * dim + dim + (3 * dim if self.qkv_bias else 0)
+        attention += 4 * dim // self.num_heads if self.qk_norm else 0
+        mlp = 2 * dim * hidden + hidden + dim
+        block = norms + attention + mlp
+        stem = self.in_chans * math.prod(self.patch_size) * dim + dim + (dim if self.cls_token else 0)
+        return stem + math.prod(self.grid) * dim + self.depth * block + 2 * dim
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -173,7 +215,47 @@ class Swin3DConfig(EncoderConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.img_size = _triple(self.img_size, "img_size")
+        check_positive(
+            self, ("feature_size", "depths", "num_heads", "window_size", "patch_size", "mlp_ratio")
+        )
         if self.feature_size % 12:
             raise EncoderConfigError(
                 f"{self.name}: feature_size {self.feature_size} must be divisible by 12 (MONAI SwinUNETR)."
             )
+        if len(self.depths) != 4 or len(self.num_heads) != 4:
+            raise EncoderConfigError(
+                f"{self.name}: depths {self.depths} and num_heads {self.num_heads} need one entry per "
+                "stage (4, as MONAI SwinUNETR)."
+            )
+        odd = [
+            (2**k * self.feature_size, h)
+            for k, h in enumerate(self.num_heads)
+            if (2**k * self.feature_size) % h
+        ]
+        if odd:
+            raise EncoderConfigError(
+                f"{self.name}: stage widths must be divisible by their heads; (width, heads) {odd} are not."
+            )
+        check_budget(
+            self,
+            self.estimated_parameters(),
+            f"feature_size {self.feature_size}, depths {self.depths}, window_size {self.window_size}",
+        )
+
+    def estimated_parameters(self) -> int:
+        """Parameters + buffers MONAI's SwinUNETR allocates for this config (its decoder is built too).
+
+        Within a few percent for the registered sizes; the terms that can explode are exact: the
+        stage widths squared times depths, and each block's (window^3)^2 relative-position index.
+        """
+        f, w = self.feature_size, self.window_size
+        total = self.in_chans * self.patch_size**3 * f + f
+        for k, (depth, heads) in enumerate(zip(self.depths, self.num_heads, strict=True)):
+            dim = f * 2**k
+            block = (4 + 2 * self.mlp_ratio) * dim * dim + (2 * w - 1) ** 3 * heads + w**6
+            merging = 16 * dim * dim
+            total += depth * block + merging + (54 * dim * dim if self.use_v2 else 0)
+        # encoder1..4, encoder10 residual blocks, then the five up blocks and the output conv.
+        total += 27 * self.in_chans * f + 28 * f * f + 54 * (4 + 16 + 256) * f * f
+        total += 99 * (64 + 16 + 4 + 1) * f * f + 91 * f * f
+        return int(total)

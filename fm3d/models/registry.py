@@ -7,13 +7,14 @@ here plus its own module.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
-from fm3d.models.config import EncoderConfigError
+from fm3d.models.config import EncoderConfig, EncoderConfigError
 
 FAMILY_MODULES: tuple[str, ...] = ("fm3d.models.vit3d", "fm3d.models.swin3d", "fm3d.models.resnet3d")
 
@@ -51,16 +52,32 @@ def create_encoder(name: str, **overrides: Any) -> nn.Module:
     """
     _load_families()
     if name not in _REGISTRY:
-        raise EncoderConfigError(f"unknown encoder {name!r}; known encoders: {', '.join(sorted(_REGISTRY))}.")
+        raise EncoderConfigError(
+            f"unknown encoder {name!r}{_nearest(name, _REGISTRY)}; known encoders: "
+            f"{', '.join(sorted(_REGISTRY))}."
+        )
     return _REGISTRY[name](**overrides)
+
+
+def _nearest(name: Any, known: Any) -> str:
+    close = difflib.get_close_matches(str(name), sorted(known), n=3, cutoff=0.5)
+    return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
 
 
 def encoder_from_config(config: dict[str, Any]) -> nn.Module:
     """Rebuild an encoder from its `config.to_dict()` (as stored in config.json or a checkpoint)."""
+    if not isinstance(config, dict):
+        raise EncoderConfigError(f"an encoder config is a JSON object, not a {type(config).__name__}.")
     config = dict(config)
     name = config.pop("name", None)
     family = config.pop("family", None)
-    if not name:
+    _load_families()
+    if family is not None and family not in EncoderConfig.families:
+        raise EncoderConfigError(
+            f"unknown encoder family {family!r}{_nearest(family, EncoderConfig.families)}; known families: "
+            f"{', '.join(sorted(EncoderConfig.families))}."
+        )
+    if not name or not isinstance(name, str):
         raise EncoderConfigError(f"encoder config has no 'name' (family {family!r}); cannot rebuild it.")
     encoder = create_encoder(name, **config)
     built_family = type(encoder.config).family

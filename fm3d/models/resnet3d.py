@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fm3d.models.config import EncoderConfig, EncoderConfigError, EncoderInputError
+from fm3d.models.config_checks import check_budget
 from fm3d.models.encoder import EncoderOutput
 from fm3d.models.registry import register_encoder
 
@@ -55,6 +56,20 @@ class ResNet3DI3DConfig(EncoderConfig):
             )
         if self.base_width < 1:
             raise EncoderConfigError(f"{self.name or self.family}: base_width must be >= 1.")
+        check_budget(self, self.estimated_parameters(), f"layers {self.layers}, base_width {self.base_width}")
+
+    def estimated_parameters(self) -> int:
+        """Parameters + buffers of the network (BatchNorm: weight, bias, running mean and variance)."""
+        width = self.base_width
+        total = self.in_chans * width * 3 * 7 * 7 + 4 * width
+        in_ch = width
+        for index, blocks in enumerate(self.layers):
+            w, out = width * 2**index, width * 2**index * EXPANSION
+            block = w * w * 27 + w * out + 4 * (2 * w + out)  # conv2, conv3, bn1-3
+            total += blocks * block + in_ch * w + (blocks - 1) * out * w  # conv1: in_ch, then 4w channels
+            total += in_ch * out + 4 * out  # the first block's projected shortcut
+            in_ch = out
+        return int(total)
 
     @property
     def embed_dim(self) -> int:

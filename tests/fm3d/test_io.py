@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections import OrderedDict
 
 import lightning as L
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import fm3d
 from fm3d.io import EncoderLoadError, UnsafeCheckpointError
@@ -125,7 +127,7 @@ def test_mismatched_weights_are_named(tmp_path):
     config = json.loads((folder / "config.json").read_text())
     config["depth"] = 1
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(EncoderLoadError, match=r"unexpected: \['blocks\.1\."):
+    with pytest.raises(EncoderLoadError, match=r"unexpected: \[blocks\.1\."):
         fm3d.load_encoder(folder)
 
 
@@ -144,3 +146,108 @@ def test_missing_path_and_wrong_format_are_clear(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(EncoderLoadError, match=r"config\.json"):
         fm3d.load_encoder(tmp_path / "empty", format="fm3d")
+
+
+PEAK_SCRIPT = """
+import resource, sys
+import fm3d
+from fm3d.errors import Fm3dError
+try:
+    fm3d.load_encoder(sys.argv[1])
+    print("LOADED")
+except Fm3dError as error:
+    print("REFUSED", error)
+print("PEAK_MIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+# Importing torch, MONAI and fm3d peaks near 650 MiB; the absurd models below would need
+# hundreds of GiB, so anything allocated for them shows far above this bound.
+PEAK_BOUND_MIB = 1200
+
+
+def _load_in_subprocess(path) -> tuple[str, float]:
+    result = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    message = result.stdout.splitlines()[0]
+    return message, float(result.stdout.split("PEAK_MIB")[1])
+
+
+def test_absurd_config_json_is_refused_before_allocation(tmp_path):
+    folder = fm3d.save_encoder(fm3d.create_encoder("vit3d_tiny", depth=1), tmp_path / "enc")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(
+        json.dumps(config | {"embed_dim": 65_536, "num_heads": 1, "depth": 100_000})
+    )
+    message, peak_mib = _load_in_subprocess(folder)
+    assert message.startswith(f"REFUSED {folder / 'config.json'}: vit3d_tiny config would build about")
+    assert "embed_dim 65536, depth 100000" in message and "FM3D_MAX_ENCODER_PARAMS" in message
+    assert peak_mib < PEAK_BOUND_MIB
+
+
+def test_peer_file_describing_an_absurd_depth_is_refused_before_allocation(tmp_path):
+    """MONAI files give depth as the highest block index + 1: one tiny tensor can claim 1e8 blocks."""
+    from monai.networks.nets import ViT
+
+    net = ViT(
+        in_channels=1, img_size=16, patch_size=8, hidden_size=64, mlp_dim=128, num_layers=1, num_heads=1
+    )
+    state = dict(net.state_dict()) | {"blocks.99999999.norm1.weight": torch.ones(64)}
+    path = tmp_path / "monai_vit.pt"
+    torch.save(state, path)
+    message, peak_mib = _load_in_subprocess(path)
+    assert message.startswith(f"REFUSED {path}: the monai_vit weights describe an unusable encoder")
+    assert "depth 100000000" in message and "over the limit" in message
+    assert peak_mib < PEAK_BOUND_MIB
+
+
+def test_nan_weights_are_refused_at_load(tmp_path):
+    encoder = fm3d.create_encoder("vit3d_tiny", depth=1)
+    folder = fm3d.save_encoder(encoder, tmp_path / "enc")
+    state = load_file(folder / "model.safetensors")
+    state["blocks.0.mlp.fc1.weight"][0, :3] = float("nan")
+    state["norm.bias"][1] = float("inf")
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(
+        EncoderLoadError,
+        match=r"model\.safetensors: 2 tensor\(s\) hold NaN or infinite values: blocks\.0\.mlp\.fc1\.weight "
+        r"\(3 values\), norm\.bias \(1 values\)\. .*export them again",
+    ):
+        fm3d.load_encoder(folder)
+
+
+def test_safetensors_of_the_wrong_shape_are_named_not_a_torch_error(tmp_path):
+    folder = fm3d.save_encoder(fm3d.create_encoder("vit3d_tiny", depth=1), tmp_path / "enc")
+    state = load_file(folder / "model.safetensors")
+    state["norm.weight"] = torch.ones(7)
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(
+        EncoderLoadError, match=r"wrong shapes: \[norm\.weight: file \(7,\) vs config \(192,\)\]"
+    ):
+        fm3d.load_encoder(folder)
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"embed_dim": "192"}, r"`embed_dim` must be int, got str '192'"),
+        ({"family": "vit3dd"}, r"unknown encoder family 'vit3dd' \(did you mean 'vit3d'"),
+        ({"name": "vit3d_tinny"}, r"unknown encoder 'vit3d_tinny' \(did you mean 'vit3d_tiny'"),
+    ],
+)
+def test_config_errors_name_the_config_file(tmp_path, change, named):
+    folder = fm3d.save_encoder(fm3d.create_encoder("vit3d_tiny", depth=1), tmp_path / "enc")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | change))
+    with pytest.raises(EncoderLoadError, match=rf"enc/config\.json: .*{named}"):
+        fm3d.load_encoder(folder)
+
+
+def test_save_encoder_writes_atomically_over_an_old_export(tmp_path):
+    folder = fm3d.save_encoder(fm3d.create_encoder("vit3d_tiny", depth=1), tmp_path / "enc")
+    fm3d.save_encoder(fm3d.create_encoder("vit3d_tiny", depth=2), folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert fm3d.load_encoder(folder).config.depth == 2

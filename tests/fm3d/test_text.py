@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -116,3 +118,18 @@ def test_init_text_model_learns_a_vocabulary(tmp_path):
     assert tower(["pulmonary nodule", "hepatic steatosis"]).shape == (2, 32)
     with pytest.raises(TextTowerError, match="non-empty"):
         init_text_model(tmp_path / "empty", ["", "  "])
+
+
+def test_folder_shipping_its_own_code_is_refused_unless_trusted(tiny_bert, tmp_path):
+    folder = tmp_path / "bert"
+    shutil.copytree(tiny_bert, folder)
+    marker = tmp_path / "marker.txt"
+    (folder / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModel": "modeling_evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        TextTowerError, match=r"bert/config\.json names its own Python code.*trust_remote_code=True"
+    ):
+        TextTower(folder)
+    assert not marker.exists()

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from fm3d.errors import Fm3dError
+from fm3d.io import check_finite
+from fm3d.models.config import EncoderConfigError
 from fm3d.models.registry import create_encoder
 
 logger = logging.getLogger(__name__)
@@ -184,10 +186,16 @@ def describe_failure(report: KeyMatchReport) -> str:
 def load_conversion(conversion: PeerConversion, path: str | Path) -> nn.Module:
     """Build the conversion's encoder, check the match, and load the weights; refuses any partial match."""
     source = dict(conversion.source, format=conversion.format, file=str(path))
-    encoder = create_encoder(conversion.encoder_name, **conversion.config, source=source)
+    try:  # the config comes from the file's shapes: a crafted file may describe an absurd model
+        encoder = create_encoder(conversion.encoder_name, **conversion.config, source=source)
+    except EncoderConfigError as error:
+        raise PeerWeightsError(
+            f"{path}: the {conversion.format} weights describe an unusable encoder: {error}"
+        ) from error
     report = check_conversion(encoder, conversion, path)
     if not report.complete:
         raise PeerWeightsError(describe_failure(report))
+    check_finite(conversion.weights, Path(path))
     encoder.load_state_dict(conversion.weights, strict=True)
     encoder.config.source["keys"] = {
         "matched": report.matched,
