@@ -214,15 +214,15 @@ def _checked(file: Path, s: _Slice) -> _Slice:
     if min(lengths) < 0.9 or max(lengths) > 1.1 or abs(float(row @ col)) > 0.1:
         raise VolumeReadError(
             file,
-            f"has a degenerate ImageOrientationPatient {list(s.orientation)}: the row and column directions "
-            "must be perpendicular unit vectors",
+            f"has a degenerate ImageOrientationPatient {s.orientation.tolist()}: "
+            "the row and column directions must be perpendicular unit vectors",
             "repair the series' orientation (re-export it from the scanner or PACS)",
         )
     spacing = s.pixel_spacing
     if not all(np.isfinite(v) and v > 0 for v in spacing):
         raise VolumeReadError(
             file,
-            f"has PixelSpacing {list(spacing)}, not two positive mm values",
+            f"has PixelSpacing {[float(v) for v in spacing]}, not two positive mm values",
             "repair PixelSpacing; fm3d will not assume 1 mm",
         )
     return s

@@ -175,6 +175,7 @@ def _read_nifti(path: Path, limits: ReadLimits) -> Volume:
             raise VolumeReadError(
                 path, f"has shape {image.shape}, not a 3D volume", "pass one 3D volume per file"
             )
+        _check_nifti_orientation(path, image.header)
         _check_nifti_size(path, image, limits)
         # dataobj applies scl_slope/scl_inter and keeps an integer dtype when there is no scaling.
         array = np.asanyarray(image.dataobj)
@@ -194,6 +195,16 @@ def _read_nifti(path: Path, limits: ReadLimits) -> Volume:
         "on_disk_dtype": str(image.get_data_dtype()),
     }
     return Volume(array=array, affine=affine, spacing=check_geometry(path, affine), meta=meta)
+
+
+def _check_nifti_orientation(path: Path, header: Any) -> None:
+    """Refuse a NIfTI with neither sform nor qform: nibabel would place it by pixdim alone (0 mm -> 1 mm)."""
+    if int(header["sform_code"]) == 0 and int(header["qform_code"]) == 0:
+        raise VolumeReadError(
+            path,
+            "has no orientation (its sform and qform codes are both 0), so where its voxels lie is unknown",
+            "re-export it with its geometry (e.g. dcm2niix from the DICOM); fm3d will not guess it",
+        )
 
 
 def _check_nifti_size(path: Path, image: Any, limits: ReadLimits) -> None:
