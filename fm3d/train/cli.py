@@ -2,8 +2,8 @@
 
 What it adds to LightningCLI (the layout is in `fm3d.train.runs`, the store in `fm3d.train.tracking`):
 - `--name`, `--runs_root`, `--tracking_uri`, `--progress_every_s`;
-- a run folder per command, `<runs_root>/<name>/<timestamp>` with `<runs_root>/<name>/latest`
-  pointing at it; `config.yaml` (the resolved config) inside it, never overwritten by
+- a run folder per command, `<runs_root>/<name>/<timestamp>`, with `<runs_root>/<name>/latest`
+  pointing at the newest fit; `config.yaml` (the resolved config) inside it, never overwritten by
   another run; a missing `--ckpt_path` file refused in one line;
 - MLflow into the project's store (experiment `<application>/<name>`); evaluate/predict runs
   are tagged with the fit run of the checkpoint they load;
@@ -195,8 +195,10 @@ class RunCLI(LightningCLI):
         # Processes Lightning spawns itself (DDP on one node) re-run this command: same folder.
         os.environ[RUN_DIR_ENV] = str(run_dir.resolve())
         self.run_dir = run_dir
+        # `latest` names the newest trained run (docs point at its checkpoints and export), so
+        # an evaluate/predict run, which gets a folder of its own, does not move it.
         laid_out = Path(run_dir).resolve().parent == (Path(config.runs_root) / name).resolve()
-        if laid_out:
+        if laid_out and self.subcommand == "fit":
             self.latest = point_latest(run_dir)
         self.tracking_uri = config.tracking_uri or local_tracking_uri(store_root(run_dir, config.runs_root))
 
