@@ -30,7 +30,7 @@ import polars as pl
 
 from fm3d.data import atomic, journal
 from fm3d.data.cache import FAILURES_FILE, INDEX_FILE, LABEL_NAMES_FILE, LABELS_DIR, STUDIES_DIR
-from fm3d.data.errors import CacheError, SettingsError
+from fm3d.data.errors import CacheError, ManifestError, SettingsError
 from fm3d.data.limits import DEFAULT_MAX_ARRAY_BYTES, ReadLimits
 from fm3d.data.lock import output_lock
 from fm3d.data.manifest import load_manifest
@@ -69,10 +69,12 @@ def prepare_cache(
     manifest = load_manifest(
         manifest_path, series_uid_column=series_uid_column, reserved=journal.INDEX_SCHEMA
     )
+    label_names = _label_names(Path(manifest_path).parent / LABEL_NAMES_FILE)
     _make_folder(out)
     with output_lock(out):
         counts = _prepare_locked(manifest, out, settings, limits, workers, progress)
-        _copy_label_names(Path(manifest_path).parent / LABEL_NAMES_FILE, out / LABEL_NAMES_FILE)
+        if label_names is not None:
+            atomic.write_json(out / LABEL_NAMES_FILE, label_names)
     return counts
 
 
@@ -141,10 +143,26 @@ def _prepare_locked(
     return counts
 
 
-def _copy_label_names(source: Path, target: Path) -> None:
-    """The label-name map beside the manifest travels with the label maps, so tasks name classes right."""
-    if source.is_file():
-        atomic.write_json(target, json.loads(source.read_text()))
+def _label_names(source: Path) -> dict[str, Any] | None:
+    """The label-name map beside the manifest, which travels with the label maps (tasks name classes by it).
+
+    Read and checked before any work, so a malformed file costs nothing and names itself.
+    """
+    if not source.exists():
+        return None
+    try:
+        names = json.loads(source.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ManifestError(
+            source, f"cannot be read as JSON ({exc})", 'write it as {"1": "liver", ...} or remove it'
+        ) from exc
+    if not isinstance(names, dict):
+        raise ManifestError(
+            source,
+            f"holds a JSON {type(names).__name__}, not an object of label value -> name",
+            'write it as {"1": "liver", ...}',
+        )
+    return names
 
 
 def _run(tasks: list[StudyTask], out: Path, settings: PreprocessSettings, limits: ReadLimits, workers: int):
