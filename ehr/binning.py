@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 
+from ehr.errors import EHRSettingError
+
 logger = logging.getLogger(__name__)
 
 
@@ -21,11 +23,11 @@ def quantile_bin_edges(event_times_days: np.ndarray, num_bins: int) -> list[floa
     back (with a warning).
     """
     if num_bins < 1:
-        raise ValueError(f"num_bins must be >= 1, got {num_bins}")
+        raise EHRSettingError(f"num_bins must be >= 1, got {num_bins}")
     times = np.asarray(event_times_days, dtype=np.float64).ravel()
     times = times[np.isfinite(times) & (times >= 0)]
     if times.size == 0:
-        raise ValueError("bin edges need at least one observed event time (all were NaN/negative/empty)")
+        raise EHRSettingError("bin edges need at least one observed event time (all were NaN/negative/empty)")
     inner = np.quantile(times, np.arange(1, num_bins) / num_bins) if num_bins > 1 else np.empty(0)
     inner = np.unique(inner[inner > 0])  # also sorts
     edges = [0.0, *inner.tolist(), math.inf]

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from pathlib import Path
 
-from ehr.errors import EHRError, TaskSpecError
-from ehr.labels import build_study_labels, read_studies, write_study_labels
+from ehr.errors import EHRSettingError, TaskSpecError
+from ehr.labels import build_study_labels, write_study_labels
 from ehr.meds import MEDSDataset
+from ehr.studies import read_studies
+from ehr.validity import DROP_OPTION, YEARS_OPTION, ValidityPolicy
 from ehr.vocab import load_phenotypes, select_tasks
+from fm3d.atomic import write_text_atomic
+from fm3d.errors import Fm3dError
 
 
 def _add_task_selection(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +37,20 @@ def _add_task_selection(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="PREFIX",
         help="never pick codes starting with PREFIX (repeatable), e.g. MEDS_BIRTH",
+    )
+    parser.add_argument(
+        DROP_OPTION,
+        action="store_true",
+        help="leave out (and count) events with a null code or an implausible time, and studies with an "
+        "unusable subject_id or study_time; by default they are refused with their counts",
+    )
+    parser.add_argument(
+        YEARS_OPTION,
+        nargs=2,
+        type=int,
+        default=(1800, 2300),
+        metavar=("MIN", "MAX"),
+        help="years a plausible time falls in (default 1800 2300; MIMIC shifts dates to 2100-2200)",
     )
 
 
@@ -89,7 +108,7 @@ def _task_codes(args: argparse.Namespace, dataset: MEDSDataset) -> list[str]:
         return codes
     selected = select_tasks(
         dataset,
-        args.tasks_k or 64,
+        64 if args.tasks_k is None else args.tasks_k,
         min_event_fraction=args.min_event_fraction,
         expand_parents=args.expand_parents,
         exclude_prefixes=tuple(args.exclude_prefix),
@@ -114,14 +133,30 @@ def _print_summary(description: dict, seconds: float, out: Path) -> None:
             print(f"| {group['group']} | {group['prevalence']:.3f} |")
 
 
+def _check_settings(args: argparse.Namespace) -> ValidityPolicy:
+    """Refuse counts, windows and ranges that cannot work before any file is read."""
+    counts = {"-k": getattr(args, "k", None), "--tasks-k": getattr(args, "tasks_k", None)}
+    counts["--num-bins"] = getattr(args, "num_bins", None)
+    for option, value in counts.items():
+        if value is not None and value < 1:
+            raise EHRSettingError(f"{option} must be a positive count, got {value}")
+    if not 0 < args.min_event_fraction < 0.5:
+        raise EHRSettingError(f"--min-event-fraction must be in (0, 0.5), got {args.min_event_fraction}")
+    window = getattr(args, "window_days", (0.0, 0.0))
+    if not all(math.isfinite(w) and w >= 0 for w in window):
+        raise EHRSettingError(f"--window-days needs two finite numbers >= 0, got {list(window)}")
+    return ValidityPolicy(drop_invalid=args.drop_invalid, valid_years=tuple(args.valid_years))
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `fm3d ehr`."""
+    """Entry point of `fm3d ehr`: 0 on success, 2 with one line on stderr for a user error."""
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )
     try:
-        dataset = MEDSDataset(args.meds)
+        policy = _check_settings(args)
+        dataset = MEDSDataset(args.meds, policy=policy)
         if args.command == "tasks":
             selected = select_tasks(
                 dataset,
@@ -134,12 +169,12 @@ def main(argv: list[str] | None = None) -> int:
             for rank, row in enumerate(selected.iter_rows(named=True), start=1):
                 print(f"| {rank} | {row['code']} | {row['subject_fraction']:.4f} | {row['score']:.4f} |")
             if args.out:
-                args.out.write_text("\n".join(selected["code"]) + "\n")
+                write_text_atomic(args.out, "\n".join(selected["code"]) + "\n")
             return 0
         started = time.perf_counter()
         tasks = _task_codes(args, dataset)
         phenotypes = load_phenotypes(args.phenotypes) if args.phenotypes else None
-        studies = read_studies(args.studies, subject_column=args.subject_column)
+        studies = read_studies(args.studies, subject_column=args.subject_column, policy=policy)
         labels = build_study_labels(
             dataset,
             studies,
@@ -155,12 +190,13 @@ def main(argv: list[str] | None = None) -> int:
             phenotypes=phenotypes,
             window_days=tuple(args.window_days),
             num_bins=args.num_bins,
+            dropped_events=dataset.dropped,
         )
         _print_summary(description, time.perf_counter() - started, args.out)
         return 0
-    except EHRError as error:
-        print(f"fm3d ehr: error: {error}", file=sys.stderr)
-        return 1
+    except Fm3dError as error:
+        print(f"fm3d ehr {args.command}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

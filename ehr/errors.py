@@ -6,7 +6,7 @@ reading it is usually converting a hospital's data and needs to know where to lo
 
 from __future__ import annotations
 
-from fm3d.errors import PathError
+from fm3d.errors import Fm3dError, PathError
 
 
 class EHRError(PathError):
@@ -23,3 +23,7 @@ class StudyTableError(EHRError):
 
 class TaskSpecError(EHRError):
     """A task list or phenotype mapping is empty, malformed or names nothing present in the data."""
+
+
+class EHRSettingError(Fm3dError, ValueError):
+    """A setting that cannot work (a count below 1, a reversed year range), refused before any work."""

@@ -32,71 +32,17 @@ import numpy as np
 import polars as pl
 
 from ehr.binning import quantile_bin_edges
-from ehr.errors import StudyTableError, TaskSpecError
+from ehr.errors import TaskSpecError
 from ehr.meds import MEDSDataset
+from ehr.studies import check_studies
 from ehr.vocab import code_ancestors, phenotype_codes, validate_phenotypes
+from fm3d.atomic import atomic_path, write_text_atomic
 from fm3d.train.progress import progress
 
 logger = logging.getLogger(__name__)
 
 _US_PER_DAY = 86_400_000_000.0
 METADATA_KEY = "fm3d.ehr_labels"  # parquet key-value metadata entry holding the column meanings
-
-
-def read_studies(path: str | Path, subject_column: str = "subject_id") -> pl.DataFrame:
-    """Load a studies table from CSV or parquet (columns study_id, subject_column, study_time)."""
-    path = Path(path)
-    if not path.is_file():
-        raise StudyTableError(
-            path, "does not exist", "pass a CSV or parquet with study_id, subject_id, study_time"
-        )
-    if path.suffix.lower() in (".parquet", ".pq"):
-        table = pl.read_parquet(path)
-    else:
-        table = pl.read_csv(path, infer_schema_length=10_000, try_parse_dates=True)
-    return check_studies(table, source=path, subject_column=subject_column)
-
-
-def check_studies(
-    studies: pl.DataFrame, source: str | Path = "<studies>", subject_column: str = "subject_id"
-) -> pl.DataFrame:
-    """Validate a studies table; normalise to study_id (str), subject_id (i64), study_time (datetime[us])."""
-    if subject_column != "subject_id" and subject_column in studies.columns:
-        studies = studies.drop("subject_id", strict=False).rename({subject_column: "subject_id"})
-    missing = [c for c in ("study_id", "subject_id", "study_time") if c not in studies.columns]
-    if missing:
-        raise StudyTableError(
-            source,
-            f"missing column(s) {', '.join(missing)} (found: {', '.join(studies.columns)})",
-            "the studies table needs study_id, subject_id (or --subject-column) and study_time",
-        )
-    try:
-        time = studies["study_time"]
-        if time.dtype == pl.String:
-            time = time.str.to_datetime(time_unit="us")
-        elif time.dtype == pl.Date:
-            time = time.cast(pl.Datetime("us"))
-        if not isinstance(time.dtype, pl.Datetime):
-            raise StudyTableError(source, f"column `study_time` has dtype {time.dtype}, expected a datetime")
-        studies = studies.with_columns(
-            study_id=pl.col("study_id").cast(pl.String),
-            subject_id=pl.col("subject_id").cast(pl.Int64, strict=True),
-            study_time=time.dt.replace_time_zone(None).dt.cast_time_unit("us"),
-        )
-    except (pl.exceptions.InvalidOperationError, pl.exceptions.ComputeError) as error:
-        raise StudyTableError(
-            source, f"cannot convert columns ({error})", "subject_id must be integers"
-        ) from error
-    for column in ("study_id", "subject_id", "study_time"):
-        nulls = studies[column].null_count()
-        if nulls:
-            raise StudyTableError(source, f"column `{column}` has {nulls} empty values")
-    duplicated = studies.filter(pl.col("study_id").is_duplicated())["study_id"]
-    if duplicated.len():
-        raise StudyTableError(
-            source, f"study_id values repeat (e.g. {duplicated[0]!r})", "study ids must be unique"
-        )
-    return studies.select("study_id", "subject_id", "study_time")
 
 
 def _to_days(delta: pl.Expr) -> pl.Expr:
@@ -179,7 +125,7 @@ def build_study_labels(
     before, after = (float(w) for w in window_days)
     if before < 0 or after < 0:
         raise TaskSpecError(dataset.root, f"window_days must be non-negative, got {window_days}")
-    studies = check_studies(studies).with_row_index("row")
+    studies = check_studies(studies, policy=dataset.policy).with_row_index("row")
     subject_ids = pl.Series(studies["subject_id"].unique(), dtype=pl.Int64).implode()
 
     task_codes = pl.DataFrame({"code": tasks, "task": np.arange(len(tasks), dtype=np.uint32)})
@@ -348,13 +294,16 @@ def write_study_labels(
     phenotypes: Mapping[str, list[str]] | None,
     window_days: tuple[float, float],
     num_bins: int = 8,
+    dropped_events: Mapping[str, int] | None = None,
 ) -> dict:
     """Write the label parquet plus `<out>.json`, both carrying what the columns mean.
 
     The description (phenotype group names and prefixes, task codes, suggested bin edges, the
     window and the summary) goes into the parquet key-value metadata under `fm3d.ehr_labels`
     and, for people and tools that do not read parquet footers, into a sidecar JSON.
-    Returns that description.
+    `dropped_events` (the dataset's `dropped`) is recorded, so a label table built with
+    `--drop-invalid` says what it left out. Both files are written atomically: a reader, or a
+    re-run after a kill, never finds half a table. Returns that description.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -369,10 +318,12 @@ def write_study_labels(
         "tte_time_unit": "days",
         "suggested_bin_edges_days": suggest_bin_edges(labels, num_bins),
         "summary": summarize_labels(labels, tasks, list(phenotypes)),
+        "dropped_invalid_events": dict(dropped_events or {}),
     }
     text = json.dumps(description, indent=2)
-    labels.write_parquet(out, metadata={METADATA_KEY: text})
-    Path(f"{out}.json").write_text(text + "\n")
+    with atomic_path(out) as temp:
+        labels.write_parquet(temp, metadata={METADATA_KEY: text})
+    write_text_atomic(f"{out}.json", text + "\n")
     return description
 
 

@@ -31,6 +31,7 @@ import meds
 import polars as pl
 
 from ehr.errors import MEDSFormatError
+from ehr.validity import ValidityPolicy, enforce
 
 logger = logging.getLogger(__name__)
 
@@ -75,17 +76,34 @@ def _check_event_schema(path: Path, schema: pl.Schema) -> None:
             )
 
 
+def _read_schema(path: Path) -> pl.Schema:
+    """A shard's schema from its parquet footer; a file that is not parquet is named, not a polars trace."""
+    try:
+        return pl.read_parquet_schema(path)
+    except (pl.exceptions.PolarsError, OSError) as error:
+        raise MEDSFormatError(
+            path,
+            f"is not a readable parquet file ({str(error).splitlines()[0]})",
+            "the shard is truncated or not parquet: write it again, or move it out of data/",
+        ) from error
+
+
 class MEDSDataset:
     """A validated MEDS dataset folder; every table comes back as a polars LazyFrame.
 
-    Opening checks each data file's schema (from the parquet footer, cheap) and, unless
+    Opening checks each data file's schema (from the parquet footer, cheap), counts events no
+    label can use (a null code, a time outside `policy.valid_years`) and, unless
     `check_sorted=False`, that each file keeps a subject's events contiguous and sorted by time
-    with static (null-time) events first, as MEDS requires; that reads `subject_id` and
-    `time` of every file once.
+    with static (null-time) events first, as MEDS requires; that reads `subject_id`, `time`
+    and `code` of every file once. Unusable events are refused with their counts unless
+    `policy.drop_invalid`, in which case `events()` leaves them out and `dropped` counts them.
     """
 
-    def __init__(self, root: str | Path, *, check_sorted: bool = True) -> None:
+    def __init__(
+        self, root: str | Path, *, check_sorted: bool = True, policy: ValidityPolicy | None = None
+    ) -> None:
         self.root = Path(root)
+        self.policy = policy or ValidityPolicy()
         data_dir = self.root / meds.data_subdirectory
         if not data_dir.is_dir():
             raise MEDSFormatError(
@@ -98,11 +116,12 @@ class MEDSDataset:
             raise MEDSFormatError(
                 data_dir, "holds no *.parquet files", "convert the events to MEDS parquet shards"
             )
-        self.schemas = {path: pl.read_parquet_schema(path) for path in self.files}
+        self.schemas = {path: _read_schema(path) for path in self.files}
         for path, schema in self.schemas.items():
             _check_event_schema(path, schema)
         self.metadata = self._read_metadata()
         self.meds_version: str | None = self.metadata.get("meds_version")
+        self.dropped = self._check_usable()
         if check_sorted:
             for path in self.files:
                 self._check_sorted(path)
@@ -116,9 +135,54 @@ class MEDSDataset:
             logger.warning("%s is missing; continuing without dataset metadata", path)
             return {}
         try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as error:
+            metadata = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise MEDSFormatError(path, f"is not valid JSON ({error})", "fix or remove the file") from error
+        if not isinstance(metadata, dict):
+            raise MEDSFormatError(
+                path, f"holds a JSON {type(metadata).__name__}, not an object", "fix or remove the file"
+            )
+        version = metadata.get("meds_version")
+        if version is not None and not isinstance(version, str):
+            raise MEDSFormatError(
+                path, f"`meds_version` is {version!r}, not a string", 'write it as text, e.g. "0.3.3"'
+            )
+        return metadata
+
+    def _usable(self) -> pl.Expr:
+        """Events a label can use: a code, and a null (static) time or one in the plausible years."""
+        time = pl.col("time")
+        return pl.col("code").is_not_null() & (time.is_null() | self.policy.plausible(time.cast(_TIME)))
+
+    def _check_usable(self) -> dict[str, int]:
+        """Count null codes and implausible times over all shards; refuse, or return the counts to drop."""
+        counts = {"null code": 0, f"time outside years {self.policy.valid_years}": 0}
+        examples: dict[str, str] = {}
+        time = pl.col("time").cast(_TIME)
+        outside = time.is_not_null() & ~self.policy.plausible(time)
+        for path in self.files:
+            try:
+                row = (
+                    pl.scan_parquet(path)
+                    .select(
+                        null_code=pl.col("code").null_count(),
+                        outside=outside.sum(),
+                        example=time.filter(outside).first(),
+                    )
+                    .collect()
+                    .row(0, named=True)
+                )
+            except pl.exceptions.PolarsError as error:
+                raise MEDSFormatError(
+                    path, f"cannot be read ({str(error).splitlines()[0]})", "write the shard again"
+                ) from error
+            kinds = dict(zip(counts, (row["null_code"], row["outside"]), strict=True))
+            for kind, n in kinds.items():
+                counts[kind] += n
+                if n and kind not in examples:
+                    where = path.relative_to(self.root)
+                    examples[kind] = str(where) if kind == "null code" else f"{row['example']} in {where}"
+        return enforce(self.root, "events", counts, examples, self.policy, MEDSFormatError)
 
     def _check_sorted(self, path: Path) -> None:
         subject, time = pl.col("subject_id"), pl.col("time")
@@ -188,6 +252,8 @@ class MEDSDataset:
                         path, f"has no column `{column}`", "ask only for columns every shard has"
                     )
             frame = pl.scan_parquet(path)
+            if self.dropped:
+                frame = frame.filter(self._usable())
             if subjects is not None:
                 ids = pl.Series(list(subjects), dtype=pl.Int64).implode()
                 frame = frame.filter(pl.col("subject_id").is_in(ids))

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ehr.binning import quantile_bin_edges
+from ehr.errors import EHRSettingError
 
 # Time at risk is clamped to this before taking its log, so bins the study never reached give
 # exp(log_hazard + log(tiny)) ~ 0 with finite gradients instead of exp(-inf) in backward.
@@ -50,12 +51,12 @@ def _check_edges(bin_edges_days: Sequence[float] | torch.Tensor) -> torch.Tensor
         # checking values again would force a device sync every training step.
         return edges
     if edges.numel() < 2 or edges[0] != 0 or not math.isinf(float(edges[-1])):
-        raise ValueError(
+        raise EHRSettingError(
             "bin edges must start at 0 and end at +inf (B + 1 values, as fit_bin_edges returns), "
             f"got {edges.tolist()}"
         )
     if not bool((edges[1:] > edges[:-1]).all()):
-        raise ValueError(f"bin edges must be strictly increasing, got {edges.tolist()}")
+        raise EHRSettingError(f"bin edges must be strictly increasing, got {edges.tolist()}")
     return edges
 
 
@@ -107,13 +108,13 @@ def piecewise_exponential_nll(
         reduction: "mean", "sum" or "none".
     """
     if log_hazard.dim() != 3:
-        raise ValueError(f"log_hazard must be [N, B, K], got shape {tuple(log_hazard.shape)}")
+        raise EHRSettingError(f"log_hazard must be [N, B, K], got shape {tuple(log_hazard.shape)}")
     n, num_bins, num_tasks = log_hazard.shape
     edges = _check_edges(bin_edges_days)
     if edges.numel() - 1 != num_bins:
-        raise ValueError(f"log_hazard has {num_bins} bins but bin_edges_days define {edges.numel() - 1}")
+        raise EHRSettingError(f"log_hazard has {num_bins} bins but bin_edges_days define {edges.numel() - 1}")
     if time_days.shape != (n, num_tasks) or event.shape != (n, num_tasks):
-        raise ValueError(
+        raise EHRSettingError(
             f"time_days and event must be [N, K] = {(n, num_tasks)}, got {tuple(time_days.shape)} "
             f"and {tuple(event.shape)}"
         )
@@ -145,7 +146,7 @@ def piecewise_exponential_nll(
         return per_pair.sum()
     if reduction == "mean":
         return per_pair.sum() / mask.sum().clamp_min(1)
-    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    raise EHRSettingError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
 def cumulative_hazard(

@@ -11,8 +11,9 @@ import polars as pl
 import pytest
 
 from ehr.errors import StudyTableError, TaskSpecError
-from ehr.labels import build_study_labels, read_label_description, read_studies, write_study_labels
+from ehr.labels import build_study_labels, read_label_description, write_study_labels
 from ehr.meds import MEDSDataset
+from ehr.studies import read_studies
 from ehr.vocab import select_tasks
 
 PHENOTYPES = {

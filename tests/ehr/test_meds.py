@@ -11,6 +11,7 @@ import pytest
 
 from ehr.errors import MEDSFormatError
 from ehr.meds import MEDSDataset
+from ehr.validity import ValidityPolicy
 
 
 def write_meds(root: Path, frames: dict[str, pl.DataFrame], version: str = "0.4.1") -> Path:
@@ -125,3 +126,52 @@ def test_not_a_meds_folder(tmp_path):
     root = write_meds(tmp_path / "old", {"0": old})
     with pytest.raises(MEDSFormatError, match="rename patient_id to subject_id"):
         MEDSDataset(root)
+
+
+def test_garbage_shard_is_named_with_the_fix(demo_meds):
+    garbage = demo_meds / "data" / "train" / "1.parquet"
+    garbage.write_bytes(b"this is not parquet at all" * 10)
+    with pytest.raises(
+        MEDSFormatError, match=r"train/1\.parquet: is not a readable parquet file .*write it again"
+    ):
+        MEDSDataset(demo_meds)
+
+
+@pytest.mark.parametrize(
+    ("content", "named"),
+    [
+        ('{"meds_version": "0.3.3"', r"is not valid JSON"),
+        ("[1, 2]", r"holds a JSON list, not an object"),
+        ('{"meds_version": 3}', r"`meds_version` is 3, not a string"),
+        (b"\xff\xfe\x00garbage", r"is not valid JSON"),
+    ],
+)
+def test_malformed_dataset_json_is_named(demo_meds, content, named):
+    path = demo_meds / "metadata" / "dataset.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(MEDSFormatError, match=rf"metadata/dataset\.json: {named}"):
+        MEDSDataset(demo_meds)
+
+
+def test_null_codes_and_sentinel_dates_are_refused_with_counts(damaged_meds):
+    with pytest.raises(
+        MEDSFormatError,
+        match=r"meds: 5 unusable events: 3 null code \(e\.g\. data/tuning/0\.parquet\), 2 time outside years "
+        r"\(1800, 2300\) \(e\.g\. 9999-12-31 00:00:00 in data/tuning/0\.parquet\)\. .*--drop-invalid "
+        r"\(drop_invalid=True\); --valid-years MIN MAX",
+    ):
+        MEDSDataset(damaged_meds)
+
+
+def test_dropping_unusable_events_is_explicit_and_counted(damaged_meds, shared_data):
+    clean = MEDSDataset(shared_data / "ehr" / "mimic_iv_demo_meds").events().collect()
+    dataset = MEDSDataset(damaged_meds, policy=ValidityPolicy(drop_invalid=True))
+    assert dataset.dropped == {"null code": 3, "time outside years (1800, 2300)": 2}
+    kept = dataset.events().collect()
+    assert kept.height == clean.height - 5
+    assert kept["code"].null_count() == 0 and kept["time"].max() < datetime(9999, 1, 1)
+    # A narrower range counts the real data's own early dates too (MIMIC's 2030 rows).
+    with pytest.raises(MEDSFormatError, match=r"time outside years \(2100, 2300\)"):
+        MEDSDataset(
+            shared_data / "ehr" / "mimic_iv_demo_meds", policy=ValidityPolicy(valid_years=(2100, 2300))
+        )
