@@ -31,3 +31,19 @@ def _run_prepare(*args: str | Path, timeout: float = 180) -> subprocess.Complete
 def prepare_cli() -> Callable[..., subprocess.CompletedProcess[str]]:
     """Runs the real `fm3d prepare` command in a child process: `prepare_cli("--manifest", m, "--out", o)`."""
     return _run_prepare
+
+
+@pytest.fixture
+def prepare_main(capsys) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Runs `fm3d prepare`'s real entry point in this process (no interpreter start-up), returning
+    its exit status and printed output like `prepare_cli`."""
+
+    def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
+        from fm3d.data.prepare import main
+
+        capsys.readouterr()
+        code = main([*map(str, args), "--no-progress"])
+        printed = capsys.readouterr()
+        return subprocess.CompletedProcess(list(args), code, printed.out, printed.err)
+
+    return run

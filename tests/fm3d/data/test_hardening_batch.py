@@ -80,12 +80,12 @@ def _sparse_nifti(path: Path, shape: tuple[int, int, int]) -> Path:
     ],
 )
 def test_ids_no_filesystem_can_hold_are_refused_naming_the_row(
-    tmp_path: Path, ct_file: Path, prepare_cli, study_id: str, why: str
+    tmp_path: Path, ct_file: Path, prepare_main, prepare_cli, study_id: str, why: str
 ) -> None:
     manifest = tmp_path / "m.parquet"  # parquet: a CSV cannot even carry a NUL byte
     pl.DataFrame({"study_id": ["ok1", study_id], "image_path": [str(ct_file)] * 2}).write_parquet(manifest)
     out = tmp_path / "cache"
-    run = prepare_cli("--manifest", manifest, "--out", out)
+    run = (prepare_cli if study_id == "a\0b" else prepare_main)("--manifest", manifest, "--out", out)
     assert run.returncode == 2, run.stdout
     assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
     assert f"{manifest}: has 1 study_ids that cannot name a file: data row 2 (" in run.stderr

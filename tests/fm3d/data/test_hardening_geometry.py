@@ -149,10 +149,19 @@ def test_single_slice_without_thickness_is_not_given_1_mm(dicom_series: Path, tm
         (["--max-gib", "0"], r"--max-gib must be a positive number of GiB"),
     ],
 )
-def test_cli_arguments_are_refused_before_any_work(tmp_path: Path, prepare_cli, flags, message: str) -> None:
+def test_cli_arguments_are_refused_before_any_work(tmp_path: Path, prepare_main, flags, message: str) -> None:
     out = tmp_path / "cache"
-    run = prepare_cli("--manifest", tmp_path / "no_such_manifest.csv", "--out", out, *flags)
+    run = prepare_main("--manifest", tmp_path / "no_such_manifest.csv", "--out", out, *flags)
     assert run.returncode == 2
     assert run.stderr.startswith("fm3d prepare: ") and run.stderr.count("\n") == 1, run.stderr
     assert re.search(message, run.stderr), run.stderr
     assert not out.exists()
+
+
+def test_cli_argument_error_from_the_real_command(tmp_path: Path, prepare_cli) -> None:
+    run = prepare_cli("--manifest", tmp_path / "m.csv", "--out", tmp_path / "c", "--spacing", "nan", "1", "1")
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr == (
+        "fm3d prepare: --spacing / --hu-window: target spacing must be three mm values (D, H, W) between "
+        "0.01 and 50.0, got (nan, 1.0, 1.0)\n"
+    )
