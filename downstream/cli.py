@@ -1,4 +1,4 @@
-"""`fm3d finetune {fit,validate,test,predict}`: LightningCLI over the registered downstream tasks.
+"""`fm3d finetune {fit,validate,test,predict}`: fine-tune an encoder on a downstream task (LightningCLI).
 
 The task name picks the LightningModule and its data module: `task: segmentation` in the YAML
 (or `--task segmentation` on the command line); everything else is plain LightningCLI:
@@ -30,6 +30,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 
 from downstream.registry import TaskRegistryError, get_task, list_tasks
 from fm3d.errors import Fm3dError
+from fm3d.parsing import ArgumentParser
 from fm3d.train.cli import RunCLI
 
 PREDICTIONS_DIR = "predictions"
@@ -152,6 +153,8 @@ def build_cli(argv: list[str], run: bool = True) -> FinetuneCLI:
         args=argv,
         run=run,
         auto_configure_optimizers=False,
+        parser_class=ArgumentParser,
+        parser_kwargs={"prog": "fm3d finetune"},
     )
 
 

@@ -25,7 +25,13 @@ from fm3d.errors import Fm3dError
 
 
 def _add_task_selection(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--min-event-fraction", type=float, default=1 / 1000, help="femr's min_fraction")
+    parser.add_argument(
+        "--min-event-fraction",
+        type=float,
+        default=1 / 1000,
+        metavar="F",
+        help="least fraction of subjects with the code for a task (femr's min_fraction, default 0.001)",
+    )
     parser.add_argument(
         "--expand-parents",
         action="store_true",
@@ -55,29 +61,58 @@ def _add_task_selection(parser: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fm3d ehr", description=__doc__.splitlines()[0])
+    summary, examples = __doc__.split("\n", 1)
+    parser = argparse.ArgumentParser(
+        prog="fm3d ehr",
+        description=summary.split(": ", 1)[1],
+        epilog="examples:\n" + examples.strip("\n"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{tasks,labels}")
 
-    tasks = commands.add_parser("tasks", help="print the K codes MOTOR's entropy criterion selects")
-    tasks.add_argument("--meds", required=True, type=Path, help="MEDS root (holds data/ and metadata/)")
+    about = "print the K codes MOTOR's entropy criterion selects as time-to-event tasks"
+    tasks = commands.add_parser("tasks", help=about, description=about)
+    tasks.add_argument(
+        "--meds", required=True, type=Path, metavar="DIR", help="MEDS root (holds data/ and metadata/)"
+    )
     tasks.add_argument("-k", type=int, default=64, help="number of tasks (default 64)")
-    tasks.add_argument("--out", type=Path, help="also write the selected codes, one per line")
+    tasks.add_argument("--out", type=Path, metavar="FILE", help="also write the selected codes, one per line")
     _add_task_selection(tasks)
 
-    labels = commands.add_parser("labels", help="build the per-study phenotype + time-to-event label parquet")
-    labels.add_argument("--meds", required=True, type=Path, help="MEDS root (holds data/ and metadata/)")
-    labels.add_argument(
-        "--studies", required=True, type=Path, help="CSV/parquet: study_id, subject_id, study_time"
+    about = (
+        "build the per-study label parquet: phenotype flags in a window around each study and "
+        "time-to-event (days, event) for each task, the labels `fm3d pretrain` reads as data.labels"
+    )
+    labels = commands.add_parser(
+        "labels", help="build the per-study phenotype + time-to-event label parquet", description=about
     )
     labels.add_argument(
-        "--out", required=True, type=Path, help="output parquet (a <out>.json sidecar is written too)"
+        "--meds", required=True, type=Path, metavar="DIR", help="MEDS root (holds data/ and metadata/)"
+    )
+    labels.add_argument(
+        "--studies",
+        required=True,
+        type=Path,
+        metavar="TABLE",
+        help="CSV/parquet with study_id, subject_id, study_time (e.g. the demo's manifest.parquet)",
+    )
+    labels.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help="output parquet (a <out>.json sidecar is written too)",
     )
     which = labels.add_mutually_exclusive_group()
-    which.add_argument("--tasks-k", type=int, help="select K tasks by MOTOR's criterion (default 64)")
-    which.add_argument("--tasks", help="comma-separated task codes")
-    which.add_argument("--tasks-file", type=Path, help="file with one task code per line")
-    labels.add_argument("--phenotypes", type=Path, help="YAML/JSON mapping group -> code prefixes")
+    which.add_argument(
+        "--tasks-k", type=int, metavar="K", help="select K tasks by MOTOR's criterion (default 64)"
+    )
+    which.add_argument("--tasks", metavar="CODES", help="comma-separated task codes")
+    which.add_argument("--tasks-file", type=Path, metavar="FILE", help="file with one task code per line")
+    labels.add_argument(
+        "--phenotypes", type=Path, metavar="FILE", help="YAML/JSON mapping group -> code prefixes"
+    )
     labels.add_argument(
         "--window-days",
         nargs=2,
@@ -87,10 +122,17 @@ def _parser() -> argparse.ArgumentParser:
         help="phenotype window around study_time in days (default 365 30)",
     )
     labels.add_argument(
-        "--subject-column", default="subject_id", help="subject id column of the studies table"
+        "--subject-column",
+        default="subject_id",
+        metavar="NAME",
+        help="subject id column of the studies table (default subject_id)",
     )
     labels.add_argument(
-        "--num-bins", type=int, default=8, help="time bins for the suggested bin edges (default 8)"
+        "--num-bins",
+        type=int,
+        default=8,
+        metavar="N",
+        help="time bins for the suggested bin edges (default 8)",
     )
     _add_task_selection(labels)
     return parser

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from fm3d.cli import summary_line
 from fm3d.models.attention import ENV_VAR, available_backends, resolve_backend
 
 PACKAGES = ("fm3d", "torch", "monai", "lightning", "xformers", "safetensors", "transformers")
@@ -68,7 +69,7 @@ def _render(info: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Print the installation report (human-readable, or JSON with --json)."""
-    parser = argparse.ArgumentParser(prog="fm3d info", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="fm3d info", description=summary_line(__doc__))
     parser.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
     args = parser.parse_args(argv)
     info = collect()

@@ -1,4 +1,4 @@
-"""`fm3d pretrain {fit,validate}`: LightningCLI over the PretrainModule and the CT data module.
+"""`fm3d pretrain {fit,validate}`: pretrain an encoder (VoCo, report CLIP, phenotype, time-to-event).
 
     fm3d pretrain fit --config conf/pretrain/demo.yaml
     fm3d pretrain fit --config conf/pretrain/full.yaml --config conf/trainer/gpu.yaml --trainer.max_steps 1000
@@ -27,6 +27,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from fm3d.errors import Fm3dError
+from fm3d.parsing import ArgumentParser
 from fm3d.train.cli import RunCLI
 from pretrain.callbacks import ExportEncoder, TrainingPlots
 from pretrain.checkpoint_io import AtomicCheckpointIO
@@ -46,6 +47,7 @@ class PretrainCLI(RunCLI):
             datamodule_class=CTDataModule,
             seed_everything_default=0,
             auto_configure_optimizers=False,
+            parser_class=ArgumentParser,
             parser_kwargs={
                 "prog": "fm3d pretrain",
                 "description": "Pretrain an fm3d encoder (VoCo, CT-report CLIP, phenotype, time-to-event).",
