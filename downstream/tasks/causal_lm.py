@@ -120,6 +120,7 @@ def init_causal_lm(
         vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS.values()),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,  # away from a terminal it prints only blank lines, into the caller's stdout
     )
     tokenizer.train_from_iterator(texts, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=max_length, **SPECIAL_TOKENS)

@@ -1,0 +1,24 @@
+"""pyproject.toml as setuptools reads it: no deprecated fields, every `fm3d` command an entry point."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+from setuptools.config.pyprojecttoml import apply_configuration
+from setuptools.dist import Distribution
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_setuptools_reads_the_project_without_warnings(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(REPO_ROOT)  # readme and license-files are relative to the project root
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dist = apply_configuration(Distribution(), "pyproject.toml")
+    assert [str(w.message) for w in caught] == []
+    assert dist.metadata.license_expression == "Apache-2.0"
+    assert (REPO_ROOT / "LICENSE").read_text().lstrip().startswith("Apache License")
+    commands = {ep.split("=")[0].strip() for ep in dist.entry_points["fm3d.commands"]}
+    assert {"prepare", "pretrain", "finetune", "evaluate", "text-model", "causal-lm"} <= commands
