@@ -13,6 +13,7 @@ import json
 import logging
 import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fm3d.atomic import atomic_path, write_text_atomic
-from fm3d.errors import Fm3dError
+from fm3d.errors import Fm3dError, PathError
 from fm3d.models.config import EncoderConfigError
 from fm3d.models.registry import encoder_from_config
 
@@ -43,6 +44,27 @@ class EncoderLoadError(Fm3dError, RuntimeError):
 
 class UnsafeCheckpointError(EncoderLoadError):
     """A checkpoint that holds arbitrary pickled objects, refused unless `trust_pickle=True`."""
+
+
+class CheckpointReadError(PathError):
+    """A training checkpoint torch cannot read back (truncated, corrupt, or not a checkpoint)."""
+
+
+# What torch.load raises on a file cut short or not written by torch.save.
+TORCH_READ_ERRORS = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile)
+
+
+def unreadable_checkpoint(path: str | Path, error: Exception) -> CheckpointReadError:
+    """The one-line error for a `--ckpt_path` torch could not read: the file, torch's reason, the way out."""
+    # torch's first sentence says what failed; the rest is advice this message replaces.
+    text = str(error).strip()
+    reason = (text.splitlines()[0].split(". ")[0] if text else "") or type(error).__name__
+    return CheckpointReadError(
+        path,
+        f"cannot be read as a checkpoint ({reason})",
+        "the file is truncated or corrupt (a copy or save cut short?): resume from an intact "
+        "checkpoint, or start afresh without --ckpt_path",
+    )
 
 
 def save_safetensors(

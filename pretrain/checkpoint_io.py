@@ -6,6 +6,10 @@ the run folder, so the final `shutil.move` degrades into truncate-and-copy and a
 during it (preemption, time limit, OOM) leaves a truncated `last.ckpt` that cannot be
 resumed. Here the temporary file sits beside the target, is fsynced, and `os.replace` swaps
 it in: a reader sees either the complete old file or the complete new one.
+
+A checkpoint damaged elsewhere (a copy cut short, a full disk on another tool's write) is
+refused at load with `fm3d.io.CheckpointReadError`, one line naming the file and what to do, where
+torch would raise a zip-reader traceback from deep inside Lightning's resume.
 """
 
 from __future__ import annotations
@@ -13,11 +17,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from fm3d.io import TORCH_READ_ERRORS, unreadable_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +44,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     Remote URLs (s3://, gs://, ...) keep Lightning's fsspec path: object stores publish an
     object only once its upload completes, which is atomic already.
     """
+
+    def load_checkpoint(
+        self,
+        path: Any,
+        map_location: Callable | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        """Lightning's load; a file torch cannot read is a CheckpointReadError naming it."""
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except TORCH_READ_ERRORS as error:
+            raise unreadable_checkpoint(path, error) from error
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         if storage_options is not None:

@@ -25,6 +25,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from fm3d.io import TORCH_READ_ERRORS, unreadable_checkpoint
 from fm3d.train.checkpoints import CHECKPOINTS_DIR, LAST, best_checkpoint, checkpoint_callbacks
 from fm3d.train.progress import DEFAULT_EVERY_S
 from fm3d.train.progress_bar import progress_callbacks
@@ -141,6 +142,14 @@ class RunCLI(LightningCLI):
                 os.environ.pop(RUN_DIR_ENV, None)
             else:
                 os.environ[RUN_DIR_ENV] = inherited
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads `--ckpt_path`'s hyper-parameters here, before any trainer: name a bad file."""
+        try:
+            super()._parse_ckpt_path()
+        except TORCH_READ_ERRORS as error:
+            subcommand = self.config.get("subcommand")
+            raise unreadable_checkpoint(self.config[subcommand].get("ckpt_path"), error) from error
 
     # ---- hooks for the applications --------------------------------------------------------
     def default_run_name(self) -> str:

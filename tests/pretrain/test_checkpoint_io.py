@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fm3d.io import CheckpointReadError
 from pretrain.checkpoint_io import AtomicCheckpointIO
 
 # The child saves a checkpoint whose pickling blocks forever half-way (after the big tensor),
@@ -86,3 +87,49 @@ def test_remote_paths_keep_lightnings_fsspec_writer(tmp_path: Path) -> None:
     path = f"memory://{tmp_path.name}/x.ckpt"
     AtomicCheckpointIO().save_checkpoint({"a": torch.zeros(2)}, path)
     assert AtomicCheckpointIO().load_checkpoint(path)["a"].shape == (2,)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
+def test_a_damaged_checkpoint_is_named_at_load(tmp_path, damage):
+    path = tmp_path / "last.ckpt"
+    _old_checkpoint(path)
+    content = path.read_bytes()
+    path.write_bytes(
+        {"truncated": content[: len(content) // 2], "empty": b"", "garbage": b"\x80not a zip" * 50}[damage]
+    )
+    with pytest.raises(
+        CheckpointReadError, match=rf"{path}: cannot be read as a checkpoint \(.*\)\. .*--ckpt_path"
+    ):
+        AtomicCheckpointIO().load_checkpoint(path)
+
+
+@pytest.mark.slow
+def test_resuming_from_a_truncated_last_ckpt_is_one_line_not_a_traceback(demo_cohort, run_config, tmp_path):
+    """`fm3d pretrain fit --ckpt_path <truncated>` in a subprocess: exit 2, one line naming the file."""
+    config = run_config(
+        demo_cohort, tmp_path / "run.yaml", objectives=("phenotype",), max_epochs=1, limit_train_batches=1,
+        limit_val_batches=0,
+    )  # fmt: skip
+    fit = [sys.executable, "-m", "fm3d.cli", "pretrain", "fit", "--config", str(config)]
+    first = subprocess.run(
+        [*fit, "--trainer.default_root_dir", str(tmp_path / "first")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert first.returncode == 0, first.stderr[-2000:]
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(last.read_bytes()[: last.stat().st_size // 3])
+
+    resumed = subprocess.run(
+        [*fit, "--trainer.default_root_dir", str(tmp_path / "second"), "--ckpt_path", str(truncated)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert resumed.returncode == 2, resumed.stderr[-2000:]
+    lines = [line for line in resumed.stderr.splitlines() if line.startswith("fm3d pretrain")]
+    assert lines == [resumed.stderr.strip().splitlines()[-1]] and "Traceback" not in resumed.stderr
+    assert lines[0].startswith(f"fm3d pretrain: {truncated}: cannot be read as a checkpoint")
+    assert "resume from an intact checkpoint" in lines[0]
