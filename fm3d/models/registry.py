@@ -7,13 +7,13 @@ here plus its own module.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
+from fm3d.cli_errors import did_you_mean
 from fm3d.models.config import EncoderConfig, EncoderConfigError
 
 FAMILY_MODULES: tuple[str, ...] = ("fm3d.models.vit3d", "fm3d.models.swin3d", "fm3d.models.resnet3d")
@@ -52,16 +52,11 @@ def create_encoder(name: str, **overrides: Any) -> nn.Module:
     """
     _load_families()
     if name not in _REGISTRY:
+        hint = did_you_mean(str(name), _REGISTRY, quote="'")
         raise EncoderConfigError(
-            f"unknown encoder {name!r}{_nearest(name, _REGISTRY)}; known encoders: "
-            f"{', '.join(sorted(_REGISTRY))}."
+            f"unknown encoder {name!r}{hint}; known encoders: {', '.join(sorted(_REGISTRY))}."
         )
     return _REGISTRY[name](**overrides)
-
-
-def _nearest(name: Any, known: Any) -> str:
-    close = difflib.get_close_matches(str(name), sorted(known), n=3, cutoff=0.5)
-    return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
 
 
 def encoder_from_config(config: dict[str, Any]) -> nn.Module:
@@ -73,8 +68,9 @@ def encoder_from_config(config: dict[str, Any]) -> nn.Module:
     family = config.pop("family", None)
     _load_families()
     if family is not None and family not in EncoderConfig.families:
+        hint = did_you_mean(str(family), EncoderConfig.families, quote="'")
         raise EncoderConfigError(
-            f"unknown encoder family {family!r}{_nearest(family, EncoderConfig.families)}; known families: "
+            f"unknown encoder family {family!r}{hint}; known families: "
             f"{', '.join(sorted(EncoderConfig.families))}."
         )
     if not name or not isinstance(name, str):

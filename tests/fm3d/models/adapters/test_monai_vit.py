@@ -10,6 +10,7 @@ from monai.networks.blocks import TransformerBlock
 from monai.networks.nets import UNETR, ViT
 
 import fm3d
+from fm3d.io import EncoderLoadError
 from fm3d.models.adapters import PeerWeightsError, load_peer_encoder
 
 ATOL = 1e-5
@@ -204,3 +205,14 @@ def test_loaded_encoder_exports_with_its_source_and_reloads(tmp_path):
     x = torch.randn(1, 1, 16, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(again(x).tokens, encoder(x).tokens)
+
+
+def test_nan_peer_weights_are_refused_naming_the_tensor(tmp_path):
+    state = _vit("conv", False, True).state_dict()
+    state["blocks.0.attn.qkv.weight"][0, 0] = float("nan")
+    path = tmp_path / "vit.pt"
+    torch.save(state, path)
+    with pytest.raises(
+        EncoderLoadError, match=rf"{path}: 1 tensor\(s\) hold NaN .*blocks\.0\.attn\.qkv\.weight \(1 values\)"
+    ):
+        fm3d.load_encoder(path)
