@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from importlib.metadata import EntryPoint
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,20 @@ def test_unknown_command_is_one_line_with_the_nearest_name():
     assert result.stderr.strip().splitlines() == [
         "fm3d: unknown command 'pretrian' (did you mean 'pretrain'?); run `fm3d --help` for the commands"
     ]
+
+
+def test_an_fm3d_error_a_command_lets_through_is_one_line(tmp_path, monkeypatch, capsys):
+    # A command module of its own, mounted as an entry point the way applications mount theirs.
+    (tmp_path / "fm3d_broken_command.py").write_text(
+        "from fm3d.errors import PathError\n"
+        "def main(argv):\n"
+        "    raise PathError(argv[0], 'is not a table', 'pass a parquet file')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    command = EntryPoint(name="broken", value="fm3d_broken_command:main", group="fm3d.commands")
+    monkeypatch.setattr("fm3d.cli.available_commands", lambda: {"broken": command})
+    assert cli_main(["broken", "x.txt"]) == 2
+    assert capsys.readouterr().err == "fm3d broken: x.txt: is not a table. Pass a parquet file\n"
 
 
 # Every subcommand's --help exits 0 and lists its options (one option of each is checked).
