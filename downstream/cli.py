@@ -88,7 +88,9 @@ class PredictionTable(BasePredictionWriter):
     def write_on_epoch_end(
         self, trainer: Trainer, pl_module: LightningModule, predictions, batch_indices
     ) -> None:
-        outputs = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
+        # One list of batch outputs, or one such list per dataloader when there are several.
+        several = len(trainer.num_predict_batches) > 1
+        outputs = [output for loader in predictions for output in loader] if several else predictions
         rows = [row for output in outputs for row in _rows(output)]
         suffix = f"-rank{trainer.global_rank}" if trainer.world_size > 1 else ""
         path = Path(trainer.default_root_dir) / PREDICTIONS_DIR / f"predictions{suffix}.parquet"
