@@ -67,11 +67,21 @@ def small_settings(command: str) -> str:
 def stand_in_venv(clone: Path) -> None:
     """`.venv/bin/{python,fm3d,activate}` running this interpreter on the clone's sources.
 
-    The stamp `make` checks is written after the clone's files, so `make demo` goes straight to
-    scripts/demo.sh instead of installing a virtual environment."""
-    bin_dir = clone / ".venv" / "bin"
+    The clone's `fm3d.commands` entry points are registered from its pyproject.toml in a
+    dist-info folder on the same PYTHONPATH (what installing the clone would do), so a command
+    the checkout's install does not know yet still resolves. The stamp `make` checks is written
+    after the clone's files, so `make demo` goes straight to scripts/demo.sh."""
+    bin_dir, site = clone / ".venv" / "bin", clone / ".venv" / "site"
     bin_dir.mkdir(parents=True)
-    env = f'export PYTHONPATH="{clone}${{PYTHONPATH:+:$PYTHONPATH}}"\n'
+    section = re.search(r'\[project\.entry-points\."fm3d\.commands"\]\n(.*?)(?:\n\[|\Z)',
+                        (clone / "pyproject.toml").read_text(), flags=re.S)  # fmt: skip
+    pairs = [line.split("=", 1) for line in section.group(1).splitlines() if "=" in line and line[0] != "#"]
+    lines = [f"{name.strip()} = {target.strip().strip(chr(34))}" for name, target in pairs]
+    dist_info = site / "fm3d_readme_chain-0.dist-info"
+    dist_info.mkdir(parents=True)
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: fm3d-readme-chain\nVersion: 0\n")
+    (dist_info / "entry_points.txt").write_text("[fm3d.commands]\n" + "\n".join(lines) + "\n")
+    env = f'export PYTHONPATH="{clone}:{site}${{PYTHONPATH:+:$PYTHONPATH}}"\n'
     (bin_dir / "python").write_text(f'#!/usr/bin/env bash\n{env}exec "{sys.executable}" "$@"\n')
     (bin_dir / "fm3d").write_text(f'#!/usr/bin/env bash\n{env}exec "{sys.executable}" -m fm3d.cli "$@"\n')
     (bin_dir / "activate").write_text(f'export PATH="{bin_dir}:$PATH"\n')
