@@ -60,7 +60,11 @@ def prepare_study(
             and previous.get("label_hash") == row["label_hash"]
             and _up_to_date(previous, task, out)
         ):
-            row, outcome = {**previous, "source_stat": row["source_stat"]}, "skipped"
+            output_stat = _output_stat(out, _outputs(previous))  # recorded afresh for rows that lack it
+            row, outcome = (
+                {**previous, "source_stat": row["source_stat"], "output_stat": output_stat},
+                "skipped",
+            )
         else:
             row.update(_prepare_arrays(task, out, settings, limits))
             row.update(status="ok", error=None)
@@ -111,7 +115,9 @@ def untouched(task: StudyTask, out: Path, limits: ReadLimits) -> bool:
     """Whether a study's files keep the size and mtime recorded when it was prepared (no hashing needed)."""
     previous = task.previous
     try:
-        if not previous or not _up_to_date(previous, task, out):
+        # A row without output_stat (a cache from before it was recorded) goes through
+        # prepare_study once: hashed, not re-prepared, and its output_stat recorded.
+        if not previous or previous.get("output_stat") is None or not _up_to_date(previous, task, out):
             return False
         return previous.get("source_stat") == atomic.stat_fingerprint(_watched(task, limits))
     except Exception:  # a source vanished or changed format: let prepare_study report it
@@ -126,7 +132,7 @@ def _up_to_date(previous: dict[str, Any], task: StudyTask, out: Path) -> bool:
         and previous.get("source_path") == task.image_path
         and previous.get("label_path") == task.label_path
         and all(atomic.npy_intact(out / f, tuple(previous["shape"])) for f in _outputs(previous))
-        and previous.get("output_stat") == _output_stat(out, _outputs(previous))
+        and previous.get("output_stat") in (None, _output_stat(out, _outputs(previous)))
     )
 
 

@@ -104,3 +104,18 @@ def test_damaged_index_and_journal_are_rebuilt(studies: Path, tmp_path: Path, ca
     assert "3 prepared, 0 skipped (up to date), 0 failed" in _run(studies, out, capsys)
     assert PreparedCache(out).study_ids == ["nii", "nhdr", "dicom"]
     assert not list((out / ".journal").iterdir())
+
+
+def test_a_cache_from_before_output_checks_is_hashed_not_reprepared(
+    studies: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "cache"
+    _run(studies, out, capsys)
+    index = pl.read_parquet(out / "index.parquet")
+    index.drop("output_stat").write_parquet(out / "index.parquet")  # as an older fm3d wrote it
+    mtime = (out / "studies" / "nii.npy").stat().st_mtime_ns
+    assert "0 prepared, 3 skipped (up to date)" in _run(studies, out, capsys)
+    assert (out / "studies" / "nii.npy").stat().st_mtime_ns == mtime
+    assert pl.read_parquet(out / "index.parquet")["output_stat"].null_count() == 0
+    np.save(out / "studies" / "nii.npy", np.zeros(PreparedCache(out).shape("nii"), np.int16))
+    assert "1 prepared, 2 skipped (up to date)" in _run(studies, out, capsys)
