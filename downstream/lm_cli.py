@@ -20,7 +20,8 @@ FAMILIES = ("gpt2", "llama")
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `fm3d causal-lm`."""
-    parser = model_parser("fm3d causal-lm", __doc__)
+    # 512 positions: report generation feeds the image tokens, the prompt and a whole report.
+    parser = model_parser("fm3d causal-lm", __doc__, max_length=512)
     parser.add_argument("--family", choices=FAMILIES, default="gpt2", help="architecture (default gpt2)")
     args = parser.parse_args(argv)
 

@@ -138,7 +138,7 @@ class ArgumentParser(LightningArgumentParser):
         if not self.exit_on_error:
             super().error(message, ex)
         parser: Any = getattr(ex, "subcommand_parser", None) or self
-        line = explain(message, parser)
+        line = explain(message, parser).rstrip(".")
         prog, command = (p.prog.replace(" [options]", "") for p in (self, parser))
         sys.stderr.write(f"{prog}: {line}. See `{command} --help`.\n")
         self.exit(USAGE_ERROR)

@@ -63,8 +63,12 @@ def read_texts(path: str | Path, columns: list[str]) -> list[str]:
     return texts
 
 
-def model_parser(prog: str, doc: str) -> argparse.ArgumentParser:
-    """The options `fm3d text-model` and `fm3d causal-lm` share (output, table, columns, sizes)."""
+def model_parser(prog: str, doc: str, max_length: int) -> argparse.ArgumentParser:
+    """The options `fm3d text-model` and `fm3d causal-lm` share (output, table, columns, sizes).
+
+    `max_length` is the command's default for `--max-length`: a text tower reads one report, a
+    causal LM for report generation also holds the image tokens and the prompt before it.
+    """
     parser = argparse.ArgumentParser(
         prog=prog,
         description=summary_line(doc),
@@ -90,8 +94,8 @@ def model_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-length",
         type=int,
-        default=128,
-        help="longest input in tokens (position embeddings; default 128)",
+        default=max_length,
+        help=f"longest input in tokens (position embeddings; default {max_length})",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace what --out already holds")
@@ -137,7 +141,7 @@ def write_model(
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `fm3d text-model`."""
-    args = model_parser("fm3d text-model", __doc__).parse_args(argv)
+    args = model_parser("fm3d text-model", __doc__, max_length=128).parse_args(argv)
 
     def write(out: Path, texts: list[str]) -> Path:
         return init_text_model(

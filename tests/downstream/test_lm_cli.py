@@ -49,6 +49,8 @@ def test_llama_family_loads_through_load_causal_lm(manifest, tmp_path, capsys):
     assert "llama" in capsys.readouterr().out
     model, tokenizer = load_causal_lm(out)
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 1
+    # The default leaves room for image tokens + prompt + a 256-token report in report generation.
+    assert model.config.max_position_embeddings == 512
     assert tokenizer.pad_token is not None
 
 
