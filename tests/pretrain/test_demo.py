@@ -29,6 +29,7 @@ from fm3d.cli import main as fm3d_main
 from fm3d.clip import load_clip
 from fm3d.data.datamodule import CTDataModule
 from fm3d.metrics.retrieval import recall_at_k
+from fm3d.text_cli import main as text_model_main
 from fm3d.train.tracking import local_tracking_uri
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,12 +49,16 @@ def test_demo_run_retrieves_held_out_reports_and_ranks_risk(tmp_path: Path) -> N
         ["ehr", "labels", "--meds", str(demo / "meds"), "--studies", manifest,
          "--phenotypes", str(demo / "phenotypes.yaml"), "--out", str(demo / "ehr_labels.parquet")],
         ["prepare", "--manifest", manifest, "--out", str(demo / "cache"), "--no-progress"],
-        ["text-model", "--out", str(demo / "text_model"), "--texts", manifest, "--columns", "findings",
-         "impression", "--vocab-size", "500", "--hidden-size", "64", "--layers", "2", "--heads", "2",
-         "--max-length", "128"],
     ]  # fmt: skip
     for step in steps:  # the commands scripts/demo.sh runs
         assert fm3d_main(step) == 0, step
+    # `fm3d text-model` (called by its module: a checkout installed before the command existed
+    # has no entry point for it).
+    text_model = [
+        "--out", str(demo / "text_model"), "--texts", manifest, "--columns", "findings", "impression",
+        "--vocab-size", "500", "--hidden-size", "64", "--layers", "2", "--heads", "2", "--max-length", "128",
+    ]  # fmt: skip
+    assert text_model_main(text_model) == 0
 
     # demo.yaml itself, with the cohort's paths.
     config = yaml.safe_load((REPO / "conf" / "pretrain" / "demo.yaml").read_text())
