@@ -35,16 +35,18 @@ def load_causal_lm(name_or_path: str | Path, dtype: str | None = None) -> tuple[
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = str(name_or_path)
+    # Never run code shipped with a model folder, and never ask about it on a terminal.
+    kwargs: dict[str, Any] = {"trust_remote_code": False}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        if dtype:
+            kwargs["dtype"] = getattr(torch, dtype)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         raise LanguageModelError(
             f"cannot load the causal LM {source!r}: {exc}. Pass a folder holding a Hugging Face causal LM "
-            "and "
-            "its tokenizer (save_pretrained), or a hub name on a machine that can reach the hub; "
-            "downstream.tasks.causal_lm.init_causal_lm writes a small from-scratch one."
+            "and its tokenizer (save_pretrained), or a hub name on a machine that can reach the hub; "
+            "`fm3d causal-lm` writes a small from-scratch one."
         ) from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

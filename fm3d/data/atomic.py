@@ -1,55 +1,39 @@
 """Crash-safe file writes and content fingerprints for the prepared cache.
 
-A file is written under a temporary name in its final folder and renamed into place with
-`os.replace` (atomic on POSIX), so a reader, or a re-run after SIGKILL, sees either the old
-file or the complete new one, never a half-written one.
+The writes go through `fm3d.atomic` (temporary name beside the target, fsync, `os.replace`), so
+a reader, or a re-run after SIGKILL, sees either the old file or the complete new one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 
-TEMP_MARK = ".tmp-"
+from fm3d.atomic import TEMP_MARK, atomic_path, write_text_atomic
+
 _CHUNK = 1 << 20
-
-
-def _temporary(path: Path) -> Path:
-    # Starts with "." and keeps no .npy/.json suffix, so globbing for finished files never sees it.
-    return path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
     """Write an array as .npy atomically."""
-    tmp = _temporary(path)
-    with tmp.open("wb") as f:
+    with atomic_path(path) as temp, temp.open("wb") as f:
         np.save(f, np.ascontiguousarray(array))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write a JSON object atomically."""
-    tmp = _temporary(path)
-    with tmp.open("w") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data))
 
 
 def write_parquet(path: Path, frame: pl.DataFrame) -> None:
     """Write a polars DataFrame as parquet atomically."""
-    tmp = _temporary(path)
-    frame.write_parquet(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as temp:
+        frame.write_parquet(temp)
 
 
 def remove_stale_temporaries(root: Path, subfolders: list[str]) -> int:
