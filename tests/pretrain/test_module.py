@@ -110,3 +110,11 @@ def test_configuration_errors_name_the_fix(tiny_text_model, batch_factory) -> No
     del batch["image"]
     with pytest.raises(PretrainConfigError, match="batch key 'image'"):
         module.encode(batch)
+
+
+def test_the_config_can_name_the_checkpoint_monitor(tiny_text_model) -> None:
+    assert build(tiny_text_model).checkpoint_monitor() == ("val/clip/loss", "min")
+    chosen = build(tiny_text_model, monitor="val/clip/i2t_recall_at_5", monitor_mode="max")
+    assert chosen.checkpoint_monitor() == ("val/clip/i2t_recall_at_5", "max")
+    with pytest.raises(PretrainConfigError, match=r"model\.monitor_mode is 'highest'; use 'min' or 'max'"):
+        build(tiny_text_model, monitor="val/loss", monitor_mode="highest")
