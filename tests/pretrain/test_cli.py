@@ -12,7 +12,7 @@ import fm3d
 from fm3d.cli import main as fm3d_main
 from fm3d.clip import load_clip
 from fm3d.data.cache import PreparedCache
-from fm3d.train.runs import RunFolderError, resolve_run_dir
+from fm3d.train.runs import resolve_run_dir
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -136,17 +136,6 @@ def test_ckpt_path_last_resumes_the_newest_run(finished_run: Path, demo_cohort, 
     assert checkpoint["global_step"] == 7
 
 
-def test_run_dir_rules(tmp_path: Path) -> None:
-    assert resolve_run_dir("a", tmp_path, default_root_dir=tmp_path / "x", environ={}) == tmp_path / "x"
-    assert resolve_run_dir("a", tmp_path, environ={"FM3D_RUN_DIR": "/r"}) == Path("/r")
-    assert resolve_run_dir("a", tmp_path, environ={"SLURM_JOB_ID": "42"}) == tmp_path / "a" / "slurm-42"
-    assert resolve_run_dir("a", tmp_path, environ={"TORCHELASTIC_RUN_ID": "job7"}) == tmp_path / "a" / "job7"
-    stamped = resolve_run_dir("a", tmp_path, environ={"TORCHELASTIC_RUN_ID": "none"})
-    assert stamped.parent == tmp_path / "a" and stamped.name[:2] == "20"
-    with pytest.raises(RunFolderError, match="no earlier run of 'a'"):
-        resolve_run_dir("a", tmp_path, ckpt_path="last", environ={})
-
-
 @pytest.mark.parametrize("name", ["demo", "voco", "clip", "merlin", "full"])
 @pytest.mark.parametrize("preset", ["cpu", "gpu", "multinode"])
 def test_shipped_configs_compose_and_print(name: str, preset: str, capsys) -> None:
@@ -170,3 +159,27 @@ def test_shipped_configs_compose_and_print(name: str, preset: str, capsys) -> No
     assert printed["data"]["cache_dir"] == "somewhere"
     assert printed["trainer"]["strategy"] == ("ddp" if preset != "cpu" else "auto")
     assert set(printed["model"]["objectives"]) <= {"voco", "clip", "phenotype", "tte"}
+
+
+def test_the_plots_record_the_values_that_were_logged(finished_run: Path) -> None:
+    """The plot history (kept in the checkpoint) holds each validation's logged value, not the one before."""
+    from mlflow import MlflowClient
+
+    checkpoint = torch.load(finished_run / "checkpoints" / "last.ckpt", weights_only=True)
+    (plots,) = (state for key, state in checkpoint["callbacks"].items() if key.startswith("TrainingPlots"))
+    client = MlflowClient(tracking_uri=f"sqlite:///{finished_run.parent.parent / 'mlflow.db'}")
+    run_id = (finished_run / "mlflow_run_id").read_text()
+    for key in ("val/loss", "val/clip/i2t_recall_at_5"):
+        logged = [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+        assert [value for _, value in plots["history"][key]] == pytest.approx(logged), key
+
+
+def test_a_missing_checkpoint_is_one_line(demo_cohort, run_config, tmp_path: Path, capsys) -> None:
+    config = run_config(demo_cohort, tmp_path / "run.yaml", max_steps=1)
+    missing = tmp_path / "gone.ckpt"
+    argv = ["pretrain", "fit", "--config", str(config), "--runs_root", str(tmp_path / "runs")]
+    assert fm3d_main([*argv, "--ckpt_path", str(missing)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"fm3d pretrain: --ckpt_path {missing}: no such file; pass a checkpoint of an earlier run "
+        "(e.g. runs/<name>/latest/checkpoints/last.ckpt) or 'last'"
+    ]

@@ -79,7 +79,7 @@ def test_two_torchrun_nodes_train_one_model(demo_cohort, run_config, tmp_path: P
     assert codes == [0, 0], "\n\n".join(text[-3000:] for text in logs)
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in logs[0] and "GLOBAL_RANK: 1, MEMBER: 2/2" in logs[1]
     # Only global rank 0 prints the summary and writes the export.
-    assert "run folder:" in logs[0] and "run folder:" not in logs[1]
+    assert "  run folder   " in logs[0] and "run folder" not in logs[1]
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
     assert fm3d.load_encoder(run_dir / "export" / "encoder").config.name == "vit3d_tiny"
-    assert sorted(p.name for p in (run_dir / "export").iterdir()) == ["clip", "encoder"]
+    assert sorted(p.name for p in (run_dir / "export").iterdir()) == ["clip", "encoder", "source.json"]
