@@ -31,6 +31,12 @@ class ScriptedModule(pl.LightningModule):
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
+    def train_dataloader(self) -> DataLoader:
+        return loader(2)
+
+    def val_dataloader(self) -> DataLoader:
+        return loader(1)
+
 
 def loader(batches: int) -> DataLoader:
     return DataLoader(TensorDataset(torch.randn(batches * 2, 4)), batch_size=2)

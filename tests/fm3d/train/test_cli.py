@@ -1,4 +1,4 @@
-"""The shared run CLI's quieting of Lightning: no product adverts in a run's log."""
+"""The shared run CLI: no Lightning adverts in a run's log, best.ckpt by a declared or given monitor."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import logging
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 
-from fm3d.train.cli import silence_adverts
+from fm3d.train.cli import RunCLI, silence_adverts
 
 
 def test_lightning_adverts_are_silenced(tmp_path: Path, scripted, caplog) -> None:
@@ -23,3 +24,26 @@ def test_lightning_adverts_are_silenced(tmp_path: Path, scripted, caplog) -> Non
     messages = [record.getMessage() for record in caplog.records]
     assert any("GPU available" in m for m in messages)  # Lightning's own info still shows
     assert not [m for m in messages if "Tip:" in m or "litlogger" in m or "litmodels" in m]
+
+
+class _RunCLI(RunCLI):
+    application = "test"
+
+
+def test_a_declared_monitor_can_be_overridden(tmp_path: Path, scripted, capsys) -> None:
+    """`--monitor`/`--monitor_mode` replace the module's declaration: here the highest score wins."""
+    module_cls, _ = scripted
+    argv = [
+        "fit", "--model.scores", "[3.0, 1.0, 2.0]", "--runs_root", str(tmp_path / "runs"),
+        "--trainer.max_epochs", "3", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false", "--trainer.num_sanity_val_steps", "0",
+    ]  # fmt: skip
+    cli = _RunCLI(module_cls, args=[*argv, "--monitor", "val/score", "--monitor_mode", "max"])
+    best = torch.load(cli.run_dir / "checkpoints" / "best.ckpt", weights_only=True)
+    assert best["epoch"] == 0  # score 3.0
+    summary = cli.summary().render()
+    assert "(val/score 3 at epoch 0, step 2)" in summary
+    assert (tmp_path / "runs" / "test" / "latest").resolve() == cli.run_dir.resolve()
+    declared = _RunCLI(module_cls, args=argv)  # the module's own: lowest wins
+    assert torch.load(declared.run_dir / "checkpoints" / "best.ckpt", weights_only=True)["epoch"] == 1
+    assert declared.run_dir != cli.run_dir
