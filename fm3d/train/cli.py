@@ -1,7 +1,7 @@
 """The LightningCLI base of `fm3d pretrain` and `fm3d finetune`: one run setup for both.
 
 What it adds to LightningCLI (the layout is in `fm3d.train.runs`, the store in `fm3d.train.tracking`):
-- `--name`, `--runs_root`, `--tracking_uri`, `--progress_every_s`, `--monitor`/`--monitor_mode`;
+- `--name`, `--runs_root`, `--tracking_uri`, `--progress_every_s`;
 - a run folder per command, `<runs_root>/<name>/<timestamp>`, with `<runs_root>/<name>/latest`
   pointing at the newest fit; `config.yaml` (the resolved config) inside it, never overwritten by
   another run; a missing `--ckpt_path` file refused in one line;
@@ -19,7 +19,7 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -182,18 +182,6 @@ class RunCLI(LightningCLI):
             help="MLflow tracking server URI; default: the SQLite store <runs_root>/mlflow.db",
         )
         parser.add_argument(
-            "--monitor",
-            type=str | None,
-            default=None,
-            help="validation metric best.ckpt is kept by (default: the module's checkpoint_monitor())",
-        )
-        parser.add_argument(
-            "--monitor_mode",
-            type=Literal["min", "max"],
-            default="min",
-            help="whether lower or higher --monitor wins",
-        )
-        parser.add_argument(
             "--progress_every_s",
             type=float,
             default=DEFAULT_EVERY_S,
@@ -228,8 +216,7 @@ class RunCLI(LightningCLI):
         trainer_config = self._get(self.config_init, "trainer", default={})
         callbacks = list(trainer_config.get("callbacks") or [])
         if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
-            declared = getattr(self.model, "checkpoint_monitor", lambda: None)()
-            monitor = (config.monitor, config.monitor_mode) if config.monitor else declared
+            monitor = getattr(self.model, "checkpoint_monitor", lambda: None)()
             callbacks += checkpoint_callbacks(self.run_dir, monitor)
         callbacks += self.run_callbacks()
         enabled = trainer_config.get("enable_progress_bar") is not False

@@ -30,20 +30,19 @@ class _RunCLI(RunCLI):
     application = "test"
 
 
-def test_a_declared_monitor_can_be_overridden(tmp_path: Path, scripted, capsys) -> None:
-    """`--monitor`/`--monitor_mode` replace the module's declaration: here the highest score wins."""
+def test_best_follows_the_module_declared_monitor(tmp_path: Path, scripted) -> None:
+    """Through the run CLI: best.ckpt by the module's `checkpoint_monitor()`, named in the summary."""
     module_cls, _ = scripted
     argv = [
         "fit", "--model.scores", "[3.0, 1.0, 2.0]", "--runs_root", str(tmp_path / "runs"),
         "--trainer.max_epochs", "3", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false", "--trainer.num_sanity_val_steps", "0",
     ]  # fmt: skip
-    cli = _RunCLI(module_cls, args=[*argv, "--monitor", "val/score", "--monitor_mode", "max"])
-    best = torch.load(cli.run_dir / "checkpoints" / "best.ckpt", weights_only=True)
-    assert best["epoch"] == 0  # score 3.0
-    summary = cli.summary().render()
-    assert "(val/score 3 at epoch 0, step 2)" in summary
-    assert (tmp_path / "runs" / "test" / "latest").resolve() == cli.run_dir.resolve()
-    declared = _RunCLI(module_cls, args=argv)  # the module's own: lowest wins
-    assert torch.load(declared.run_dir / "checkpoints" / "best.ckpt", weights_only=True)["epoch"] == 1
-    assert declared.run_dir != cli.run_dir
+    lowest = _RunCLI(module_cls, args=argv)
+    assert torch.load(lowest.run_dir / "checkpoints" / "best.ckpt", weights_only=True)["epoch"] == 1
+    assert "(val/score 1 at epoch 1, step 4)" in lowest.summary().render()
+    assert (tmp_path / "runs" / "test" / "latest").resolve() == lowest.run_dir.resolve()
+    highest = _RunCLI(module_cls, args=[*argv, "--model.monitor", "[val/score, max]"])
+    assert torch.load(highest.run_dir / "checkpoints" / "best.ckpt", weights_only=True)["epoch"] == 0
+    assert highest.run_dir != lowest.run_dir
+    assert (tmp_path / "runs" / "test" / "latest").resolve() == highest.run_dir.resolve()
