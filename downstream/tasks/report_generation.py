@@ -24,6 +24,7 @@ the reader (both reloaded from their paths).
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -114,6 +115,7 @@ class ReportGenerationTask(DownstreamTask):
             self._load_projector(init_from)
         self.prompt = prompt
         self.max_report_tokens, self.max_new_tokens = max_report_tokens, max_new_tokens
+        self._check_positions(lm, language_model)
         self.num_beams, self.generate_on_val = num_beams, generate_on_val
         self.finding_reader = (
             load_clip(finding_reader).requires_grad_(False).eval() if finding_reader else None
@@ -123,6 +125,24 @@ class ReportGenerationTask(DownstreamTask):
         self._reader_prompts: torch.Tensor | None = None
         # The frozen LM and the reader are not stored in checkpoints (see on_save_checkpoint).
         self.strict_loading = False
+
+    def _check_positions(self, lm: nn.Module, source: str | Path) -> None:
+        """Refuse an LM whose positions cannot hold image tokens + prompt + a whole report.
+
+        Past its last position a GPT-2 fails deep inside the forward pass with a bare IndexError.
+        """
+        config = lm.config
+        positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        image = self.projector_config.num_tokens
+        prompt = len(self.tokenizer(self.prompt, add_special_tokens=False)["input_ids"]) if self.prompt else 0
+        report = max(self.max_report_tokens + 1, self.max_new_tokens)  # + 1: the end-of-report token
+        if positions is not None and image + prompt + report > positions:
+            raise LanguageTaskError(
+                f"the language model {source} has {positions} positions, but {image} image tokens + "
+                f"{prompt} prompt tokens + {report} report tokens need {image + prompt + report}: lower "
+                "model.max_report_tokens / model.max_new_tokens, use fewer image tokens, or an LM with "
+                "more positions (`fm3d causal-lm --max-length N`)"
+            )
 
     # ---- model ----------------------------------------------------------------------------
     def train(self, mode: bool = True) -> ReportGenerationTask:

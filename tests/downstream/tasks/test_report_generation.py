@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from downstream.cli import main as finetune
 from downstream.evaluate import main as evaluate
+from downstream.tasks.clip_task import LanguageTaskError
 from downstream.tasks.projector import ProjectorConfig
 from downstream.tasks.prompts import encode_prompts, load_prompt_set, read_findings
 from downstream.tasks.report_generation import ReportGenerationTask
@@ -35,6 +36,18 @@ def make_task(kit: SimpleNamespace, family: str, **kwargs) -> ReportGenerationTa
 
 def images(n: int = 2) -> torch.Tensor:
     return torch.rand(n, 1, 16, 32, 32, generator=torch.Generator().manual_seed(0)) * 2000 - 1000
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_an_lm_too_short_for_image_prompt_and_report_is_refused(
+    language_kit: SimpleNamespace, family: str
+) -> None:
+    # The tiny LMs have 512 positions; 4 image tokens + the prompt + 600 report tokens do not fit
+    # (this was a bare IndexError inside GPT-2's forward pass).
+    with pytest.raises(LanguageTaskError, match=r"has 512 positions.*max_report_tokens") as caught:
+        make_task(language_kit, family, max_report_tokens=600)
+    assert str(language_kit.lm[family]) in str(caught.value)
+    make_task(language_kit, family, max_report_tokens=400)  # fits: no error
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
