@@ -28,7 +28,9 @@ class PlainProgressBar(ProgressBar):
         self.stream = stream
         self._enabled = True
         self._started = 0.0
-        self._last_line = 0.0
+        # One clock per loop: validation inside fit must not postpone fit's own next line
+        # (with validation every few epochs, a shared clock never let a fit line through).
+        self._last_line = {"fit": 0.0, "eval": 0.0}
         self._first_step = 0
         self._batches = 0
         self._eval_started = 0.0
@@ -43,10 +45,10 @@ class PlainProgressBar(ProgressBar):
         if self._enabled:
             print(text, file=self.stream or sys.stdout, flush=True)
 
-    def _due(self) -> bool:
+    def _due(self, loop: str) -> bool:
         now = time.monotonic()
-        if now - self._last_line >= self.every_s:
-            self._last_line = now
+        if now - self._last_line[loop] >= self.every_s:
+            self._last_line[loop] = now
             return True
         return False
 
@@ -62,7 +64,7 @@ class PlainProgressBar(ProgressBar):
         return f"{text} {rate_and_eta(step - self._first_step, total - self._first_step, elapsed, 'it')}"
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._started = self._last_line = time.monotonic()
+        self._started = self._last_line["fit"] = time.monotonic()
         self._first_step = trainer.global_step
         resumed = f" (resumed at step {self._first_step})" if self._first_step else ""
         self._print(
@@ -70,7 +72,7 @@ class PlainProgressBar(ProgressBar):
         )
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if self._due():
+        if self._due("fit"):
             self._print(self._fit_line(trainer))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -81,7 +83,7 @@ class PlainProgressBar(ProgressBar):
     def _eval_start(self, stage: str, total: float) -> None:
         if self.trainer.sanity_checking:
             return
-        self._eval_started = self._last_line = time.monotonic()
+        self._eval_started = self._last_line["eval"] = time.monotonic()
         self._batches = 0
         self._print(f"{stage}: start, {count_of(0, total)} batches")
 
@@ -89,7 +91,7 @@ class PlainProgressBar(ProgressBar):
         if self.trainer.sanity_checking:
             return
         self._batches += 1
-        if self._due():
+        if self._due("eval"):
             elapsed = time.monotonic() - self._eval_started
             rate = rate_and_eta(self._batches, total, elapsed, "it")
             self._print(f"{stage}: batch {count_of(self._batches, total)} {rate}")

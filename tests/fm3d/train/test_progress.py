@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 
 from lightning.pytorch.callbacks import TQDMProgressBar
 
@@ -107,3 +108,42 @@ def test_a_terminal_keeps_its_bar() -> None:
 def test_durations_read_as_clock_time() -> None:
     assert format_duration(421) == "0:07:01"
     assert format_duration(float("inf")) == "?"
+
+
+def test_frequent_validation_does_not_silence_the_fit_lines() -> None:
+    # Validation after every 0.2 s epoch; a clock shared with validation never let a 0.3 s fit
+    # line through (the demo printed nothing for 4.5 min while validating every 5 epochs).
+    import lightning.pytorch as pl
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Slow(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_idx):
+            time.sleep(0.05)
+            return self.layer(batch[0]).pow(2).mean()
+
+        def validation_step(self, batch, batch_idx) -> None:
+            pass
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    stream = io.StringIO()
+    data = DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=2)
+    trainer = pl.Trainer(
+        max_epochs=8,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[PlainProgressBar(every_s=0.3, stream=stream)],
+    )
+    trainer.fit(Slow(), data, data)
+    lines = stream.getvalue().splitlines()
+    assert sum(line.startswith("validate: done") for line in lines) == 8
+    assert len([line for line in lines if re.match(r"fit: step \d+/32 ", line)]) >= 3  # ~1.6 s of steps
