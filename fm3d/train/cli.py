@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,11 @@ from typing import Any
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from transformers.utils import logging as hf_logging
 
 from fm3d.io import TORCH_READ_ERRORS, unreadable_checkpoint
 from fm3d.train.checkpoints import CHECKPOINTS_DIR, LAST, best_checkpoint, checkpoint_callbacks
-from fm3d.train.progress import DEFAULT_EVERY_S
+from fm3d.train.progress import DEFAULT_EVERY_S, is_terminal
 from fm3d.train.progress_bar import progress_callbacks
 from fm3d.train.runs import (
     RUN_DIR_ENV,
@@ -132,6 +134,10 @@ class RunCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", RunConfig)
         kwargs.setdefault("save_config_kwargs", {"config_filename": CONFIG_FILE, "save_to_log_dir": False})
         silence_adverts()
+        if not is_terminal(sys.stdout):
+            # Hugging Face's weight-loading bars (text tower, CLIP export) are carriage-return
+            # bars: in a log file they are noise between the plain progress lines.
+            hf_logging.disable_progress_bar()
         inherited = os.environ.get(RUN_DIR_ENV)
         try:
             super().__init__(*args, **kwargs)

@@ -25,10 +25,13 @@ def fit_output(demo_cohort, run_config, tmp_path_factory) -> tuple[Path, str]:
 
     tmp = tmp_path_factory.mktemp("cli")
     config = run_config(demo_cohort, tmp / "run.yaml", max_steps=6, limit_train_batches=2)
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
+    printed, errors = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(errors):
         status = fm3d_main(["pretrain", "fit", "--config", str(config), "--runs_root", str(tmp / "runs")])
     assert status == 0
+    # Output to a file, as under SLURM: no carriage-return bar (Lightning's or Hugging Face's
+    # weight-loading bars at the export) on either stream.
+    assert "\r" not in printed.getvalue() and "\r" not in errors.getvalue(), errors.getvalue()[-2000:]
     return tmp / "runs" / "test", printed.getvalue()
 
 
