@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 # The demo cohort, EHR labels, prepared cache and a tiny encoder pretrained with all four
-# objectives on CPU; prints the run folder, the MLflow store and the final metrics.
+# objectives on CPU; ends with the summary (run folder, best/last checkpoint, export, MLflow run).
 demo: setup
 	FM3D=$(BIN)/fm3d PYTHON=$(BIN)/python bash scripts/demo.sh $(DEMO_ARGS)
 
