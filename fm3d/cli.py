@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run one `fm3d` command and return its exit status.
 
     A deliberate fm3d error (`Fm3dError`) that a command lets through is the user's to fix: it
-    is printed as one line, `fm3d <command>: <message>`, with exit status 2, not as a traceback.
+    is printed as one line, `fm3d <command>: <message>`, with exit status 2, not as a traceback;
+    so is an OSError about a file the system refused.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = available_commands()
@@ -75,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         status = command(rest)
     except Fm3dError as exc:
         return report(f"fm3d {name}", str(exc))
+    except OSError as exc:
+        # A path the system refused (not a folder, no permission, disk full) is the user's to
+        # fix too; an OSError that names no file is not, and keeps its traceback.
+        if exc.filename is None:
+            raise
+        return report(f"fm3d {name}", f"{exc.filename}: {exc.strerror}; check the path and its permissions")
     return int(status or 0)
 
 

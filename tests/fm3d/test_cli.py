@@ -110,6 +110,14 @@ def _one_line_error(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+def test_a_path_the_system_refuses_is_one_line_naming_it(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    line = _one_line_error(fm3d("demo-data", "--out", str(blocker / "demo"), "--studies", "2", "--quiet"))
+    assert line.startswith(f"fm3d demo-data: {blocker}")
+    assert "Not a directory" in line and "check the path" in line
+
+
 def test_pretrain_option_typo_is_one_line_naming_the_nearest_option():
     line = _one_line_error(
         fm3d("pretrain", "fit", "--config", "conf/pretrain/demo.yaml", "--model.encodr", "x")
