@@ -38,6 +38,7 @@ import fm3d
 from downstream.strategies import FinetuneStrategy, apply_strategy, merge_lora, parameter_groups
 from fm3d.data.datasets import scale_window
 from fm3d.errors import Fm3dError
+from fm3d.train.optim import WarmupCosine
 
 logger = logging.getLogger(__name__)
 
@@ -270,15 +271,8 @@ class DownstreamTask(L.LightningModule):
         )
         optimizer = torch.optim.AdamW(groups, lr=self.lr, fused=True)  # one pass over all parameters
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = min(self.warmup_steps, total)
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            progress = (step - warmup) / max(total - warmup, 1)
-            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        schedule = WarmupCosine(min(self.warmup_steps, total), total)  # pretraining's schedule
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

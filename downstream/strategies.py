@@ -20,10 +20,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
 from torch import nn
 
 from fm3d.errors import Fm3dError
+from fm3d.train.optim import is_no_decay
 
 logger = logging.getLogger(__name__)
 
@@ -122,11 +122,6 @@ def merge_lora(encoder: nn.Module) -> nn.Module:
     return encoder
 
 
-def _no_weight_decay(name: str, param: torch.Tensor) -> bool:
-    # Biases, norm scales and position/class embeddings are not regularised (BEiT, MAE, DINOv2).
-    return param.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "mask_token"))
-
-
 def layer_scales(encoder: nn.Module, layer_decay: float) -> dict[str, float]:
     """The LLRD multiplier of every encoder parameter, by name (see the module docstring)."""
     layer_id = getattr(encoder, "layer_id", None)
@@ -160,7 +155,7 @@ def parameter_groups(
     groups: dict[tuple[str, float, bool], dict] = {}
 
     def add(prefix: str, name: str, param: nn.Parameter, scale: float) -> None:
-        no_wd = _no_weight_decay(name, param)
+        no_wd = is_no_decay(name, param)
         key = (prefix, scale, no_wd)
         if key not in groups:
             groups[key] = {

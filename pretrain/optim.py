@@ -1,34 +1,21 @@
-"""AdamW parameter groups and the linear-warmup + cosine learning-rate schedule for pretraining.
+"""AdamW parameter groups and the warmup-cosine schedule of a pretraining run.
 
-Weight decay pulls parameters towards zero, which is right for weight matrices and wrong for
-parameters that encode a scale or an offset: norm gains and biases, position embeddings, the
-cls token, CLIP's logit scale. Those go into a group with `weight_decay=0` (as in DINOv2, MAE
-and open_clip).
+Which parameters take weight decay, and the schedule's shape, are `fm3d.train.optim`'s rules,
+shared with fine-tuning.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-logger = logging.getLogger(__name__)
+from fm3d.train.optim import WarmupCosine, is_no_decay
 
-# Parameter names (any dotted component containing one of these) that never take weight decay,
-# whatever their shape: position embeddings and learned tokens are tables of values, not maps.
-NO_DECAY_NAME_PARTS = (
-    "pos_embed",
-    "position_embedding",
-    "cls_token",
-    "mask_token",
-    "logit_scale",
-    "logit_bias",
-    "relative_position_bias_table",
-)
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,11 +45,6 @@ class OptimizerSettings:
     fused: bool = True
 
 
-def is_no_decay(name: str, param: nn.Parameter) -> bool:
-    """Whether a parameter belongs to the no-weight-decay group (vectors, scalars, embeddings)."""
-    return param.ndim <= 1 or any(part in name for part in NO_DECAY_NAME_PARTS)
-
-
 def parameter_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
     """Split trainable parameters into a decayed and a non-decayed AdamW group.
 
@@ -80,31 +62,6 @@ def parameter_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], weigh
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return [group for group in groups if group["params"]]
-
-
-class WarmupCosine:
-    """LR multiplier for `LambdaLR`: linear warmup to 1, then a cosine down to `min_ratio`.
-
-    A class rather than a closure so `LambdaLR.state_dict()` stores its settings in checkpoints.
-    Step s (0-based) of the warmup gets (s + 1) / warmup_steps, so the first step already
-    trains; after `max_steps` the multiplier stays at `min_ratio`.
-    """
-
-    def __init__(self, warmup_steps: int, max_steps: int, min_ratio: float = 0.0) -> None:
-        if max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
-        if not 0 <= warmup_steps <= max_steps:
-            raise ValueError(f"warmup_steps must lie in [0, max_steps={max_steps}], got {warmup_steps}")
-        self.warmup_steps = warmup_steps
-        self.max_steps = max_steps
-        self.min_ratio = min_ratio
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        decay_steps = max(self.max_steps - self.warmup_steps, 1)
-        progress = min((step - self.warmup_steps) / decay_steps, 1.0)
-        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def build_optimizer(

@@ -110,3 +110,19 @@ def test_strategy_validation() -> None:
     encoder = fm3d.create_encoder("vit3d_tiny", **TINY)
     with pytest.raises(StrategyError, match=r"LoRA found no nn\.Linear"):
         apply_strategy(encoder, FinetuneStrategy("lora", lora_targets=("nothing_named_so",)))
+
+
+def test_fine_tuning_uses_the_shared_no_decay_rule_and_schedule() -> None:
+    # One rule for both applications (fm3d.train.optim): the position table (3-D) takes no decay,
+    # and the task's scheduler is pretraining's warmup-cosine over the trainer's steps.
+    task = ClassificationTask(
+        "vit3d_tiny", ["x", "y"], strategy=FinetuneStrategy("full", layer_decay=1.0),
+        encoder_overrides=TINY, lr=1e-2, weight_decay=0.05, warmup_steps=2,
+    )  # fmt: skip
+    _train(task, steps=4)
+    optimizer = task.trainer.optimizers[0]
+    wd_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    assert wd_of[id(task.encoder.pos_embed)] == 0.0
+    assert wd_of[id(task.encoder.blocks[0].attn.qkv.weight)] == 0.05
+    (scheduler,) = [config.scheduler for config in task.trainer.lr_scheduler_configs]
+    assert scheduler.state_dict()["lr_lambdas"][0] == {"warmup_steps": 2, "max_steps": 4, "min_ratio": 0.0}

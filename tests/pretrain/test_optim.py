@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch import nn
 
-from pretrain.optim import OptimizerSettings, WarmupCosine, build_optimizer, parameter_groups
+from pretrain.optim import OptimizerSettings, build_optimizer, parameter_groups
 
 
 class _Tiny(nn.Module):
@@ -74,17 +72,6 @@ def test_fused_adamw_takes_the_same_steps_as_the_loop() -> None:
         torch.testing.assert_close(fused_param, loop_param, rtol=1e-6, atol=1e-7, msg=name)
 
 
-def test_warmup_cosine_hand_values() -> None:
-    schedule = WarmupCosine(warmup_steps=4, max_steps=12, min_ratio=0.1)
-    assert [schedule(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert schedule(4) == pytest.approx(1.0)
-    # Half-way through the 8 decay steps the cosine sits at the mean of 1 and min_ratio.
-    assert schedule(8) == pytest.approx(0.55)
-    assert schedule(12) == pytest.approx(0.1)
-    assert schedule(50) == pytest.approx(0.1)
-    assert schedule(5) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 8)))
-
-
 def test_cosine_phase_matches_torch_cosine_annealing() -> None:
     lr, warmup, total, min_ratio = 0.3, 3, 20, 0.05
     ours_model, ref_model = nn.Linear(2, 2), nn.Linear(2, 2)
@@ -115,9 +102,3 @@ def test_scheduler_state_round_trips() -> None:
 def test_warmup_longer_than_the_run_is_cut_to_the_run() -> None:
     _, scheduler = build_optimizer(nn.Linear(2, 2), OptimizerSettings(warmup_steps=10), max_steps=4)
     assert scheduler.state_dict()["lr_lambdas"][0]["warmup_steps"] == 4
-
-
-@pytest.mark.parametrize(("warmup", "total"), [(5, 4), (-1, 4), (0, 0)])
-def test_bad_schedule_settings_raise(warmup: int, total: int) -> None:
-    with pytest.raises(ValueError):
-        WarmupCosine(warmup, total)
