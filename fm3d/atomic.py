@@ -52,7 +52,9 @@ def atomic_folder(directory: str | Path) -> Iterator[Path]:
     """Yield a temporary folder to build `directory` in; it takes `directory`'s place if the block succeeds.
 
     An existing `directory` is moved aside first and deleted after the swap, so the new folder
-    never mixes with files of the old one; a failed block leaves the old folder untouched.
+    never mixes with files of the old one; a failed block, or a swap that fails half-way, leaves
+    the old folder in place. (Two renames are not one: a kill between them leaves the old folder
+    under `.<name>.old-<pid>`, never deleted.)
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -62,9 +64,15 @@ def atomic_folder(directory: str | Path) -> Iterator[Path]:
     temp.mkdir()
     try:
         yield temp
-        if directory.exists():
+        moved_aside = directory.exists()
+        if moved_aside:
             os.replace(directory, old)
-        os.replace(temp, directory)
+        try:
+            os.replace(temp, directory)
+        except OSError:
+            if moved_aside:
+                os.replace(old, directory)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
