@@ -98,7 +98,10 @@ def check_studies(
         study_time=time,
     )
     problems = {  # kind -> (column shown in the example, rows it flags)
-        "empty study_id": ("study_id", pl.col("study_id").is_null()),
+        "empty study_id": (
+            "study_id",
+            pl.col("study_id").is_null() | (pl.col("study_id").str.strip_chars() == ""),
+        ),
         "subject_id empty or not an integer": ("subject_id", pl.col("subject_id").is_null()),
         "study_time empty or unparseable": ("study_time", pl.col("study_time").is_null()),
         f"study_time outside years {policy.valid_years}": (

@@ -97,6 +97,19 @@ def test_float_subject_ids_must_be_whole_numbers():
     assert kept["subject_id"].to_list() == [1] and kept.schema["subject_id"] == pl.Int64
 
 
+def test_blank_study_ids_count_as_empty():
+    table = pl.DataFrame(
+        {
+            "study_id": ["a", "", "  ", None],
+            "subject_id": [1, 2, 3, 4],
+            "study_time": [datetime(2020, 1, 1)] * 4,
+        }
+    )
+    with pytest.raises(StudyTableError, match=r"3 empty study_id \(e\.g\. row 2: ''\)"):
+        check_studies(table)
+    assert check_studies(table, policy=ValidityPolicy(drop_invalid=True))["study_id"].to_list() == ["a"]
+
+
 def test_a_file_that_is_not_a_table_is_named(tmp_path):
     garbage = tmp_path / "studies.parquet"
     garbage.write_bytes(b"PAR1 but not really" * 5)
