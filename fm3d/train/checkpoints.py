@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -62,30 +63,44 @@ def checkpoint_callbacks(run_dir: str | Path, monitor: tuple[str, str] | None) -
 
 @dataclass(frozen=True)
 class BestInfo:
-    """Which checkpoint is the best one, by what, and from when."""
+    """Which checkpoint is the best one, and by what; `epoch` and `step` are read from the file."""
 
     path: Path
     monitor: str
     score: float
-    epoch: int
-    step: int
+
+    @cached_property
+    def _position(self) -> tuple[int, int]:
+        import torch
+
+        state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+        return int(state["epoch"]), int(state["global_step"])
+
+    @property
+    def epoch(self) -> int:
+        return self._position[0]
+
+    @property
+    def step(self) -> int:
+        return self._position[1]
 
 
 def best_checkpoint(trainer: pl.Trainer) -> BestInfo | None:
-    """The best checkpoint of this fit (file, monitor, score, epoch, step), if one was written."""
-    import torch
+    """The best checkpoint of this fit (file, monitor, score), if this run wrote one.
 
+    Decided from the callback's state alone, which every rank holds alike: under FSDP the export
+    gathers live weights (a collective) when there is no best, so all ranks must take the same
+    branch, even where only rank 0 sees the run folder. The file is read only when `epoch` or
+    `step` is asked for (rank 0). A fit resumed from another run's checkpoint file restores that
+    run's best path but no score: until this run validates, it has no best of its own.
+    """
     for callback in trainer.checkpoint_callbacks:
-        if isinstance(callback, BestCheckpoint) and callback.best_model_path:
-            path = Path(callback.best_model_path)
-            if not path.is_file():
-                return None
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            return BestInfo(
-                path=path,
-                monitor=str(callback.monitor),
-                score=float(callback.best_model_score),
-                epoch=int(state["epoch"]),
-                step=int(state["global_step"]),
-            )
+        if not isinstance(callback, BestCheckpoint):
+            continue
+        if not callback.best_model_path or callback.best_model_score is None:
+            return None
+        path = Path(callback.best_model_path)
+        if path.parent.resolve() != Path(callback.dirpath).resolve():
+            return None
+        return BestInfo(path=path, monitor=str(callback.monitor), score=float(callback.best_model_score))
     return None

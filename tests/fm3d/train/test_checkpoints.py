@@ -55,3 +55,23 @@ def test_no_validation_means_no_best_and_no_warning(tmp_path: Path, scripted, re
     trainer.fit(module_cls([0.0, 0.0]), loader(2), loader(1))
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["last.ckpt"]
     assert not [w for w in recwarn if "monitored key" in str(w.message)]
+
+
+def test_a_fit_resumed_from_another_runs_file_has_no_best_until_it_validates(
+    tmp_path: Path, scripted
+) -> None:
+    module_cls, loader = scripted
+    first, second = tmp_path / "first", tmp_path / "second"
+    trainer = _trainer(first, checkpoint_callbacks(first, ("val/score", "min")), max_epochs=2)
+    trainer.fit(module_cls([3.0, 1.0, 2.0]), loader(2), loader(1))
+    assert best_checkpoint(trainer).path == first / "checkpoints" / "best.ckpt"
+    # A new run folder, resumed from the first run's last.ckpt, ends before its next validation:
+    # Lightning restores the first run's best path without its score.
+    resumed = _trainer(
+        second, checkpoint_callbacks(second, ("val/score", "min")), max_epochs=3, check_val_every_n_epoch=5
+    )
+    resumed.fit(
+        module_cls([3.0, 1.0, 2.0]), loader(2), loader(1), ckpt_path=first / "checkpoints" / "last.ckpt"
+    )
+    assert resumed.global_step == 6
+    assert best_checkpoint(resumed) is None  # not the first run's file (and no float(None))
