@@ -231,7 +231,8 @@ class DownstreamTask(L.LightningModule):
 
     def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
         out = self.step(batch, stage)
-        self.log(f"{stage}/loss", out.loss, batch_size=self._batch_size(batch))
+        # Synchronised over ranks: val/loss picks best.ckpt, which every DDP rank must judge alike.
+        self.log(f"{stage}/loss", out.loss, batch_size=self._batch_size(batch), sync_dist=True)
         self._epoch_outputs.append(
             {k: v.detach().cpu() if isinstance(v, torch.Tensor) else list(v) for k, v in out.collect.items()}
         )
