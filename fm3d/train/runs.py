@@ -3,7 +3,8 @@
 All ranks of a multi-process run must agree on the run folder: it comes from
 `--trainer.default_root_dir`, else `$FM3D_RUN_DIR`, else the SLURM job id
 (`<name>/slurm-<jobid>`, stable across requeues), else torchrun's `--rdzv-id`, else a new
-timestamped folder that is handed to processes Lightning spawns through `$FM3D_RUN_DIR`.
+timestamped folder that is handed to processes Lightning spawns through `$FM3D_RUN_DIR`;
+processes of an external launcher with none of these are refused (each would pick its own).
 """
 
 from __future__ import annotations
@@ -56,6 +57,13 @@ def resolve_run_dir(
         return base / f"slurm-{environ['SLURM_JOB_ID']}"
     if environ.get("TORCHELASTIC_RUN_ID", "none") != "none":
         return base / environ["TORCHELASTIC_RUN_ID"]
+    if int(environ.get("WORLD_SIZE", "1")) > 1:
+        # Processes started by a launcher (torchrun without --rdzv-id) would each pick a clock
+        # of their own, and so different folders.
+        raise RunFolderError(
+            f"{environ['WORLD_SIZE']} processes and nothing they agree on to name the run folder: "
+            "pass --trainer.default_root_dir <run folder> (or torchrun's --rdzv-id)"
+        )
     return new_run_dir(base)
 
 

@@ -26,6 +26,11 @@ def test_run_dir_rules(tmp_path: Path) -> None:
     assert stamped.parent == tmp_path / "a" and stamped.name[:2] == "20"
     with pytest.raises(RunFolderError, match="no earlier run of 'a'"):
         resolve_run_dir("a", tmp_path, ckpt_path="last", environ={})
+    # torchrun without --rdzv-id: each process would stamp a folder of its own.
+    with pytest.raises(RunFolderError, match=r"2 processes .* --trainer\.default_root_dir"):
+        resolve_run_dir("a", tmp_path, environ={"TORCHELASTIC_RUN_ID": "none", "WORLD_SIZE": "2"})
+    single = {"TORCHELASTIC_RUN_ID": "none", "WORLD_SIZE": "1"}
+    assert resolve_run_dir("a", tmp_path, environ=single).parent == tmp_path / "a"
 
 
 def test_two_runs_in_one_second_get_two_folders(tmp_path: Path) -> None:
