@@ -29,6 +29,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 
 from downstream.registry import TaskRegistryError, get_task, list_tasks
+from fm3d.cli_errors import report
 from fm3d.errors import Fm3dError
 from fm3d.parsing import ArgumentParser
 from fm3d.train.cli import RunCLI
@@ -176,8 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli = build_cli(argv)
     except Fm3dError as exc:
-        print(f"fm3d finetune: {exc}", file=sys.stderr)
-        return 2
+        return report("fm3d finetune", str(exc))
     if cli.subcommand is None or not cli.trainer.is_global_zero:
         return 0
     predictions = cli.predictions_file() if cli.subcommand == "predict" else None

@@ -26,6 +26,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from downstream.base import Evaluation, safe_name
 from downstream.cli import build_cli
+from fm3d.cli_errors import report
 from fm3d.errors import Fm3dError
 from fm3d.train.runs import unique_path
 
@@ -129,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli = build_cli(["test", *argv])
     except Fm3dError as exc:
-        print(f"fm3d evaluate: {exc}", file=sys.stderr)
-        return 2
+        return report("fm3d evaluate", str(exc))
     if not cli.trainer.is_global_zero:
         return 0
     task = cli.model

@@ -18,7 +18,6 @@ The run-folder rules for SLURM, torchrun and spawned processes are in `fm3d.trai
 
 from __future__ import annotations
 
-import sys
 import warnings
 
 from lightning.pytorch import Trainer
@@ -26,6 +25,7 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
+from fm3d.cli_errors import report
 from fm3d.errors import Fm3dError
 from fm3d.parsing import ArgumentParser
 from fm3d.train.cli import RunCLI
@@ -82,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli = PretrainCLI(args=argv)
     except Fm3dError as exc:
-        print(f"fm3d pretrain: {exc}", file=sys.stderr)
-        return 2
+        return report("fm3d pretrain", str(exc))
     if cli.subcommand is None or not cli.trainer.is_global_zero:
         return 0
     summary = cli.summary()
