@@ -41,3 +41,21 @@ def damaged_meds(demo_meds) -> Path:
     """The demo copy with 3 null codes and 2 events dated 9999-12-31 in data/tuning/0.parquet."""
     _damage_events(demo_meds, null_codes=3, sentinel_times=2)
     return demo_meds
+
+
+def _admission_studies(events: pl.LazyFrame) -> pl.DataFrame:
+    """One study per hospital admission in `events`, at its admission time (naive, read as UTC)."""
+    return (
+        events.filter(pl.col("code").str.starts_with("HOSPITAL_ADMISSION//"))
+        .select("subject_id", study_time="time")
+        .unique()
+        .sort("subject_id", "study_time")
+        .with_columns(study_id=pl.format("adm{}", pl.int_range(pl.len())))
+        .collect()
+    )
+
+
+@pytest.fixture(scope="session")
+def admission_studies():
+    """`admission_studies(events)`: the studies table the EHR tests build from real admissions."""
+    return _admission_studies

@@ -97,23 +97,14 @@ def test_unusable_settings_are_refused_before_any_work(tmp_path, capsys, args, m
     assert not (tmp_path / "out.parquet").exists()
 
 
-def _demo_studies(meds: Path, out: Path) -> Path:
-    studies = (
-        pl.scan_parquet(meds / "data" / "*" / "*.parquet")
-        .filter(pl.col("code").str.starts_with("HOSPITAL_ADMISSION//"))
-        .select("subject_id", study_time="time")
-        .unique()
-        .sort("subject_id", "study_time")
-        .with_columns(study_id=pl.format("adm{}", pl.int_range(pl.len())))
-        .collect()
-    )
-    studies.write_csv(out)
+def _demo_studies(admission_studies, meds: Path, out: Path) -> Path:
+    admission_studies(pl.scan_parquet(meds / "data" / "*" / "*.parquet")).write_csv(out)
     return out
 
 
-def test_damaged_meds_is_refused_then_dropped_on_request(damaged_meds, tmp_path):
+def test_damaged_meds_is_refused_then_dropped_on_request(damaged_meds, admission_studies, tmp_path):
     """Through the real `fm3d` command: one line and exit 2 by default, a counted drop with --drop-invalid."""
-    studies = _demo_studies(damaged_meds, tmp_path / "studies.csv")
+    studies = _demo_studies(admission_studies, damaged_meds, tmp_path / "studies.csv")
     out = tmp_path / "labels" / "labels.parquet"
     command = [
         sys.executable, "-m", "fm3d.cli", "ehr", "labels", "--meds", str(damaged_meds),
@@ -132,10 +123,12 @@ def test_damaged_meds_is_refused_then_dropped_on_request(damaged_meds, tmp_path)
     assert sorted(p.name for p in out.parent.iterdir()) == ["labels.parquet", "labels.parquet.json"]
 
 
-def test_a_failed_write_leaves_the_previous_labels_whole(shared_data, tmp_path, monkeypatch):
+def test_a_failed_write_leaves_the_previous_labels_whole(
+    shared_data, admission_studies, tmp_path, monkeypatch
+):
     """`--out` is written through a temporary file: a write that dies midway never replaces the old table."""
     meds = shared_data / "ehr" / "mimic_iv_demo_meds"
-    studies = _demo_studies(meds, tmp_path / "studies.csv")
+    studies = _demo_studies(admission_studies, meds, tmp_path / "studies.csv")
     out = tmp_path / "labels.parquet"
     args = [
         "labels",

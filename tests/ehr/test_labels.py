@@ -28,18 +28,6 @@ def demo(shared_data):
     return MEDSDataset(shared_data / "ehr" / "mimic_iv_demo_meds")
 
 
-def admissions(dataset: MEDSDataset) -> pl.DataFrame:
-    return (
-        dataset.events()
-        .filter(pl.col("code").str.starts_with("HOSPITAL_ADMISSION//"))
-        .select("subject_id", study_time="time")
-        .unique()
-        .sort("subject_id", "study_time")
-        .with_columns(study_id=pl.format("adm{}", pl.int_range(pl.len())))
-        .collect()
-    )
-
-
 def reference_labels(dataset, studies, tasks, phenotypes, before, after):
     """Brute force: every (study, event) pair of the subject, then filter and aggregate."""
     events = (
@@ -75,8 +63,8 @@ def reference_labels(dataset, studies, tasks, phenotypes, before, after):
     return times, flags, multi_hot
 
 
-def test_admission_labels_match_independent_computation(demo):
-    studies = admissions(demo)
+def test_admission_labels_match_independent_computation(demo, admission_studies):
+    studies = admission_studies(demo.events())
     assert studies.height == 275  # hospital admissions in the demo
     tasks = [*select_tasks(demo, 12)["code"].to_list(), "MEDS_DEATH", "HOSPITAL_DISCHARGE//HOME"]
     labels = build_study_labels(demo, studies, tasks, PHENOTYPES, window_days=(365, 30))
@@ -98,8 +86,8 @@ def test_admission_labels_match_independent_computation(demo):
     assert (got_times >= 0).all()
 
 
-def test_written_labels_carry_their_meaning(demo, tmp_path):
-    studies = admissions(demo).head(40)
+def test_written_labels_carry_their_meaning(demo, admission_studies, tmp_path):
+    studies = admission_studies(demo.events()).head(40)
     tasks = ["MEDS_DEATH", "HOSPITAL_DISCHARGE//HOME"]
     labels = build_study_labels(demo, studies, tasks, PHENOTYPES)
     out = tmp_path / "labels.parquet"

@@ -16,22 +16,9 @@ from ehr.validity import ValidityPolicy
 TASKS = ["MEDS_DEATH", "HOSPITAL_DISCHARGE//HOME", "HOSPITAL_ADMISSION//EW EMER."]
 
 
-def _admissions(meds) -> pl.DataFrame:
-    """One study per real hospital admission of the demo, at its admission time (naive, read as UTC)."""
-    return (
-        pl.scan_parquet(meds / "data" / "*" / "*.parquet")
-        .filter(pl.col("code").str.starts_with("HOSPITAL_ADMISSION//"))
-        .select("subject_id", study_time="time")
-        .unique()
-        .sort("subject_id", "study_time")
-        .with_columns(study_id=pl.format("adm{}", pl.int_range(pl.len())))
-        .collect()
-    )
-
-
-def test_offset_times_give_the_same_labels_from_csv_and_parquet(shared_data, tmp_path):
+def test_offset_times_give_the_same_labels_from_csv_and_parquet(shared_data, admission_studies, tmp_path):
     meds = shared_data / "ehr" / "mimic_iv_demo_meds"
-    studies = _admissions(meds)
+    studies = admission_studies(pl.scan_parquet(meds / "data" / "*" / "*.parquet"))
     # The same instants written as +02:00 local times in CSV and as an Asia/Kolkata (+05:30) parquet column.
     utc = pl.col("study_time").dt.replace_time_zone("UTC")
     csv = tmp_path / "studies.csv"
