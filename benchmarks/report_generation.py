@@ -34,8 +34,8 @@ _spec.loader.exec_module(_common)
 from downstream.tasks.causal_lm import init_causal_lm  # noqa: E402
 from downstream.tasks.projector import ProjectorConfig  # noqa: E402
 from downstream.tasks.report_generation import ReportGenerationTask  # noqa: E402
-from fm3d.data.demo.cohort import sample_cohort  # noqa: E402
-from fm3d.data.demo.reports import write_report  # noqa: E402
+from fm3d.demo.cohort import sample_cohort  # noqa: E402
+from fm3d.demo.reports import write_report  # noqa: E402
 
 OUT = HERE.parent / "docs" / "benchmarks" / "report_generation.md"
 # (name, family, hidden size, layers, heads)

@@ -10,8 +10,8 @@ import mlflow
 import pytest
 
 from ehr.cli import main as ehr_main
-from fm3d.data.demo import generate_demo_cohort
 from fm3d.data.prepare import prepare_cache
+from fm3d.demo import generate_demo_cohort
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONF = REPO_ROOT / "conf" / "downstream"

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from downstream.lm_cli import main
 from downstream.tasks.causal_lm import load_causal_lm
-from fm3d.data.demo import generate_demo_cohort
+from fm3d.demo import generate_demo_cohort
 
 FM3D = Path(sys.executable).with_name("fm3d")
 

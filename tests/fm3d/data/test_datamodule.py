@@ -11,8 +11,8 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 
 from fm3d.data.datamodule import CTDataModule
-from fm3d.data.demo import generate_demo_cohort
 from fm3d.data.prepare import prepare_cache
+from fm3d.demo import generate_demo_cohort
 
 SMALL = dict(image_size=(8, 32, 32), voco="tiny", batch_size=2, split_fractions=(0.5, 0.25, 0.25))
 

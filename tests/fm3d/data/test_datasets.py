@@ -21,8 +21,8 @@ from fm3d.data.datasets import (
     read_region,
     scale_window,
 )
-from fm3d.data.demo import generate_demo_cohort
 from fm3d.data.prepare import prepare_cache
+from fm3d.demo import generate_demo_cohort
 
 
 @pytest.fixture(scope="module")

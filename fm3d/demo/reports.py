@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fm3d.data.demo.cohort import Finding
+from fm3d.demo.cohort import Finding
 
 
 def _pick(rng: np.random.Generator, options: list[str]) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fm3d.data.demo.cohort import Anatomy, Finding
+from fm3d.demo.cohort import Anatomy, Finding
 
 SHAPE = (48, 96, 96)  # (D, H, W) voxels
 SPACING_MM = (3.0, 1.5, 1.5)  # (D, H, W)

@@ -27,11 +27,11 @@ import nibabel as nib
 import numpy as np
 import polars as pl
 
-from fm3d.data.demo.cohort import FINDING_TYPES, Patient, sample_cohort
-from fm3d.data.demo.meds import PHENOTYPES, phenotype_yaml, write_meds
-from fm3d.data.demo.reports import write_report
-from fm3d.data.demo.volumes import LABELS, SHAPE, SPACING_MM, affine_ras, synthesize
 from fm3d.data.split import assign_splits
+from fm3d.demo.cohort import FINDING_TYPES, Patient, sample_cohort
+from fm3d.demo.meds import PHENOTYPES, phenotype_yaml, write_meds
+from fm3d.demo.reports import write_report
+from fm3d.demo.volumes import LABELS, SHAPE, SPACING_MM, affine_ras, synthesize
 from fm3d.train.progress import progress as progress_lines
 
 __all__ = ["LABELS", "PHENOTYPES", "SHAPE", "SPACING_MM", "generate_demo_cohort", "main"]

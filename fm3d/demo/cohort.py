@@ -38,7 +38,6 @@ FINDING_TYPES: tuple[FindingType, ...] = (
     FindingType("kidney_cyst", "N28.1", "Cyst of kidney, acquired", -1.3),
     FindingType("aortic_aneurysm", "I71.4", "Abdominal aortic aneurysm, without rupture", -2.4, 0.7),
 )
-FINDINGS_BY_NAME = {f.name: f for f in FINDING_TYPES}
 
 # Outcomes: code, yearly baseline hazard and log-hazard weight per finding (plus age, smoking).
 OUTCOMES: dict[str, dict[str, float]] = {
@@ -116,9 +115,6 @@ class Patient:
     outcomes: dict[str, datetime] = field(default_factory=dict)  # code -> first event time
     record_end: datetime = datetime(2024, 1, 1)
     hypertension: bool = False
-
-    def age_at(self, when: datetime) -> float:
-        return (when - self.birth).days / DAYS_PER_YEAR
 
 
 def _sample_finding(name: str, rng: np.random.Generator) -> Finding:

@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from sksurv.metrics import concordance_index_censored
 
-from fm3d.data.demo import LABELS, generate_demo_cohort, main
-from fm3d.data.demo.cohort import OUTCOMES, sample_cohort
-from fm3d.data.demo.volumes import HU
+from fm3d.demo import LABELS, generate_demo_cohort, main
+from fm3d.demo.cohort import OUTCOMES, sample_cohort
+from fm3d.demo.volumes import HU
 
 FOCAL = ("lung_nodule", "liver_lesion", "kidney_cyst")
 

@@ -19,7 +19,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fm3d.data.demo.cohort import FINDING_TYPES, OUTCOMES, Patient
+from fm3d.demo.cohort import FINDING_TYPES, Patient
 
 IMAGING_CODE = "IMAGING//CT//CHEST_ABDOMEN"
 RECORD_END_CODE = "VISIT//OUTPATIENT"
@@ -144,7 +144,7 @@ def write_meds(out: Path, patients: list[Patient], splits: dict[int, str], rng: 
     metadata = {
         "dataset_name": "fm3d-demo-cohort",
         "dataset_version": "1",
-        "etl_name": "fm3d.data.demo",
+        "etl_name": "fm3d.demo",
         "etl_version": "1",
         "meds_version": "0.4.1",
         # deterministic: the synthetic cohort's last record date, not the wall clock
@@ -162,8 +162,3 @@ def phenotype_yaml() -> str:
         lines.append(f"{group}:")
         lines.extend(f'  - "{p}"' for p in prefixes)
     return "\n".join(lines) + "\n"
-
-
-def outcome_codes() -> list[str]:
-    """Codes of the outcome events (time-to-event targets of the demo cohort)."""
-    return list(OUTCOMES)
