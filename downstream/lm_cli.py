@@ -25,18 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--family", choices=FAMILIES, default="gpt2", help="architecture (default gpt2)")
     args = parser.parse_args(argv)
 
-    def write(out: Path, texts: list[str]) -> Path:
-        return init_causal_lm(
-            out,
-            texts,
-            family=args.family,
-            vocab_size=args.vocab_size,
-            hidden_size=args.hidden_size,
-            num_layers=args.layers,
-            num_heads=args.heads,
-            max_length=args.max_length,
-            seed=args.seed,
-        )
+    def write(out: Path, texts: list[str], **sizes: int) -> Path:
+        return init_causal_lm(out, texts, family=args.family, **sizes)
 
     hint = (
         "language_model: {out} in conf/downstream/report_generation.yaml, "

@@ -110,10 +110,11 @@ def _parameters(directory: Path) -> int:
         return sum(math.prod(weights.get_slice(key).get_shape()) for key in weights.keys())  # noqa: SIM118
 
 
-def write_model(
-    prog: str, args: argparse.Namespace, write: Callable[[Path, list[str]], Path], load_hint: str
-) -> int:
-    """Read the texts, call `write(out, texts)`, print progress and a summary; 2 on a user error."""
+def write_model(prog: str, args: argparse.Namespace, write: Callable[..., Path], load_hint: str) -> int:
+    """Read the texts, call `write(out, texts, **sizes)`, print progress and a summary; 2 on a user error.
+
+    `sizes` are the shared size and seed options as the init functions' keyword arguments.
+    """
     if args.hidden_size % args.heads:
         return report(prog, f"--hidden-size {args.hidden_size} is not divisible by --heads {args.heads}")
     try:
@@ -128,7 +129,15 @@ def write_model(
         )
         # A one-file model writes in a blink; transformers' "Writing model shards" bar is noise in logs.
         disable_progress_bar()
-        out = write(args.out, texts)
+        sizes = {
+            "vocab_size": args.vocab_size,
+            "hidden_size": args.hidden_size,
+            "num_layers": args.layers,
+            "num_heads": args.heads,
+            "max_length": args.max_length,
+            "seed": args.seed,
+        }
+        out = write(args.out, texts, **sizes)
     except Fm3dError as exc:
         return report(prog, str(exc))
     config = json.loads((out / "config.json").read_text())
@@ -143,17 +152,5 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `fm3d text-model`."""
     args = model_parser("fm3d text-model", __doc__, max_length=128).parse_args(argv)
 
-    def write(out: Path, texts: list[str]) -> Path:
-        return init_text_model(
-            out,
-            texts,
-            vocab_size=args.vocab_size,
-            hidden_size=args.hidden_size,
-            num_layers=args.layers,
-            num_heads=args.heads,
-            max_length=args.max_length,
-            seed=args.seed,
-        )
-
     hint = "fm3d.text.TextTower('{out}', pooling='mean'), or transformers.AutoModel.from_pretrained('{out}')"
-    return write_model("fm3d text-model", args, write, hint)
+    return write_model("fm3d text-model", args, init_text_model, hint)
