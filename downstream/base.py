@@ -50,6 +50,10 @@ class EncoderSpecError(Fm3dError, ValueError):
     """An `encoder` argument that is neither a module, an existing path nor a known encoder name."""
 
 
+class TaskConfigError(Fm3dError, ValueError):
+    """Task arguments that do not fit together (e.g. a per-class setting with the wrong count)."""
+
+
 def resolve_encoder(encoder: str | Path | nn.Module, overrides: dict[str, Any] | None = None) -> nn.Module:
     """An fm3d encoder from a module, an export folder / .ckpt path, or a registry name.
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score, precision_recall_curve, roc_auc_score
 from torch import nn
 
-from downstream.base import DownstreamTask, Evaluation, StepOutput, multilabel_evaluation
+from downstream.base import DownstreamTask, Evaluation, StepOutput, TaskConfigError, multilabel_evaluation
 from downstream.data import ClassificationDataModule
 from downstream.registry import register_task
 from downstream.strategies import FinetuneStrategy
@@ -78,7 +78,10 @@ class ClassificationTask(DownstreamTask):
             torch.tensor(pos_weight, dtype=torch.float32) if isinstance(pos_weight, list) else torch.ones(k)
         )
         if initial.shape != (k,):
-            raise ValueError(f"pos_weight has {initial.numel()} values for {k} classes")
+            raise TaskConfigError(
+                f"model.pos_weight has {initial.numel()} values for {k} classes {self.class_names}; "
+                "give one per class, or 'auto' / 'none'"
+            )
         self.register_buffer("pos_weight", initial)
         self.register_buffer("thresholds", torch.full((k,), 0.5))
 
@@ -151,4 +154,3 @@ class ClassificationTask(DownstreamTask):
         """Probabilities and thresholded findings per study."""
         probs = torch.sigmoid(self(self.prepare_image(batch["image"])))
         return {"study_id": list(batch["study_id"]), "probs": probs, "findings": probs >= self.thresholds}
-

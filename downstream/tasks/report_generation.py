@@ -1,7 +1,7 @@
 """Report generation: encoder tokens -> projector -> a Hugging Face causal LM (M3D-LaMed's recipe).
 
 The LM input is [image tokens][prompt tokens][report tokens][eos]: the projector's
-`num_tokens` image embeddings (`downstream.tasks.projector`) and the embedded prompt are
+`num_tokens` image embeddings (`downstream.heads.projector`) and the embedded prompt are
 prepended as `inputs_embeds`, and the next-token loss counts only the report tokens and the
 end-of-sequence token. Two stages:
 
@@ -16,7 +16,7 @@ ROUGE-L, METEOR only where nltk's WordNet data is installed (the evaluation's `m
 table says when it is skipped), and the clinical-finding F1: with `finding_reader` set to a
 CLIP folder, the findings of generated and reference reports are read by CLIP's text side with
 the zero-shot prompt pairs of `finding_prompt_set` (P(present) >= 0.5 by
-`downstream.tasks.prompts.read_findings`), and the generated ones are scored against the
+`downstream.language.prompts.read_findings`), and the generated ones are scored against the
 reference ones. Checkpoints hold the projector, LoRA adapters and encoder, not the frozen LM or
 the reader (both reloaded from their paths).
 """
@@ -33,12 +33,12 @@ import torch
 from torch import nn
 
 from downstream.base import DownstreamTask, Evaluation, StepOutput
+from downstream.heads.projector import ProjectorConfig, build_projector
+from downstream.language.causal_lm import add_lora, load_causal_lm
+from downstream.language.clip_eval import LanguageTaskError
+from downstream.language.prompts import encode_prompts, load_prompt_set, read_findings
 from downstream.registry import register_task
 from downstream.strategies import FinetuneStrategy
-from downstream.tasks.causal_lm import add_lora, load_causal_lm
-from downstream.tasks.clip_task import LanguageTaskError
-from downstream.tasks.projector import ProjectorConfig, build_projector
-from downstream.tasks.prompts import encode_prompts, load_prompt_set, read_findings
 from downstream.tasks.report_data import ReportDataModule
 from fm3d.clip import load_clip
 from fm3d.metrics.report_text import finding_f1, meteor_unavailable, text_metrics

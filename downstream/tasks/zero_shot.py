@@ -3,7 +3,7 @@
 For each finding (a label column) and each template pair of the prompt set, the image's joint-
 space embedding is compared with the embeddings of "{finding} is present." and "{finding} is not
 present."; a softmax over the pair (CT-CLIP) gives P(present), averaged over the templates
-(Merlin-style prompt averaging). See `downstream.tasks.prompts` for the arithmetic and the
+(Merlin-style prompt averaging). See `downstream.language.prompts` for the arithmetic and the
 prompt-set files (`ct_rate`: CT-RATE's 18 abnormalities; `demo`: the demo cohort's 8 findings).
 
 Data: `ClassificationDataModule` (a per-study table of boolean finding columns, e.g. the demo's
@@ -24,9 +24,9 @@ from torch import nn
 
 from downstream.base import Evaluation, StepOutput, multilabel_evaluation
 from downstream.data import ClassificationDataModule
+from downstream.language.clip_eval import ClipEvalTask
+from downstream.language.prompts import encode_prompts, load_prompt_set, pair_probabilities
 from downstream.registry import register_task
-from downstream.tasks.clip_task import ClipEvalTask
-from downstream.tasks.prompts import encode_prompts, load_prompt_set, pair_probabilities
 from fm3d.clip import ClipModel
 
 
