@@ -119,17 +119,6 @@ def finite_mean(values: np.ndarray) -> float:
     return float(finite.mean()) if finite.size else float("nan")
 
 
-def multilabel_evaluation(task: str, rows: list[dict[str, Any]]) -> Evaluation:
-    """Multi-label evaluation from per-class rows (`class`, `auroc`, `f1`, ...): macro means + AUROCs."""
-    table = pl.DataFrame(rows)
-    metrics = {
-        "auroc_macro": finite_mean(table["auroc"].to_numpy()),
-        "f1_macro": finite_mean(table["f1"].to_numpy()),
-        **{f"auroc_{row['class']}": row["auroc"] for row in rows},
-    }
-    return Evaluation(task, metrics, {"per_class": table})
-
-
 class DownstreamTask(L.LightningModule):
     """Base LightningModule of a downstream task; see the module docstring for the contract.
 

@@ -38,7 +38,6 @@ from downstream.language.causal_lm import add_lora, load_causal_lm
 from downstream.language.clip_eval import LanguageTaskError
 from downstream.language.prompts import encode_prompts, load_prompt_set, read_findings
 from downstream.registry import register_task
-from downstream.strategies import FinetuneStrategy
 from downstream.tasks.report_data import ReportDataModule
 from fm3d.clip import load_clip
 from fm3d.metrics.report_text import finding_f1, meteor_unavailable, text_metrics
@@ -69,7 +68,8 @@ class ReportGenerationTask(DownstreamTask):
         finding_reader: CLIP folder whose text side reads findings for the clinical F1; None skips it.
         finding_prompt_set: prompt set naming the findings the reader looks for.
         lm_dtype: LM weights' dtype (e.g. "bfloat16" on a GPU); None keeps the saved dtype.
-        (strategy, lr, weight_decay, warmup_steps, encoder_overrides: see DownstreamTask.)
+        lr, weight_decay: as in DownstreamTask, with the defaults of M3D-LaMed's projector training.
+        kwargs: strategy, warmup_steps, encoder_overrides (see DownstreamTask).
     """
 
     datamodule_class = ReportDataModule
@@ -93,13 +93,11 @@ class ReportGenerationTask(DownstreamTask):
         finding_reader: str | None = None,
         finding_prompt_set: str | None = "demo",
         lm_dtype: str | None = None,
-        strategy: FinetuneStrategy | None = None,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
-        warmup_steps: int = 0,
-        encoder_overrides: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(encoder, strategy, lr, weight_decay, warmup_steps, encoder_overrides)
+        super().__init__(encoder, lr=lr, weight_decay=weight_decay, **kwargs)
         if stage not in (1, 2):
             raise LanguageTaskError(f"report generation stage must be 1 or 2, got {stage}")
         self.stage = stage

@@ -27,7 +27,6 @@ from downstream.base import DownstreamTask, Evaluation, StepOutput
 from downstream.data import SegmentationDataModule
 from downstream.heads.decoders import build_decoder
 from downstream.registry import register_task
-from downstream.strategies import FinetuneStrategy
 from fm3d.data.preprocess import PreprocessRecord, invert_preprocessing
 from fm3d.metrics.segmentation import dice_per_class, mean_dice
 
@@ -48,7 +47,7 @@ class SegmentationTask(DownstreamTask):
         decoder: a registered decoder name (`downstream.heads.decoders`); None takes the one the
             encoder's family declares (unetr for vit3d, swin_unetr for swin3d).
         prediction_dir: where `predict` writes NIfTI label maps (default: <run>/predictions).
-        (encoder, strategy, lr, weight_decay, warmup_steps, encoder_overrides: see DownstreamTask.)
+        kwargs: strategy, lr, weight_decay, warmup_steps, encoder_overrides (see DownstreamTask).
     """
 
     datamodule_class = SegmentationDataModule
@@ -68,13 +67,9 @@ class SegmentationTask(DownstreamTask):
         feature_size: int = 16,
         decoder: str | None = None,
         prediction_dir: str | None = None,
-        strategy: FinetuneStrategy | None = None,
-        lr: float = 1e-3,
-        weight_decay: float = 0.05,
-        warmup_steps: int = 0,
-        encoder_overrides: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(encoder, strategy, lr, weight_decay, warmup_steps, encoder_overrides)
+        super().__init__(encoder, **kwargs)
         self.class_names = list(class_names)
         self.num_classes = len(self.class_names) + 1
         self.roi_size = tuple(roi_size)

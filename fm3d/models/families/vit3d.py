@@ -32,8 +32,7 @@ class ViT3D(nn.Module):
     def __init__(self, config: ViT3DConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_dim = VIT3D.width(config)
-        dim = config.embed_dim
+        self.embed_dim = dim = VIT3D.width(config)
         self.patch_embed = PatchEmbed3d(config.in_chans, dim, config.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if config.cls_token else None
         n_patches = config.grid[0] * config.grid[1] * config.grid[2]
