@@ -3,7 +3,7 @@
 Builds `downstream.tasks.report_generation.ReportGenerationTask` around a vit3d_tiny encoder
 (32 x 64 x 64 input, patch 8: 256 tokens, pooled to 32 image tokens by the M3D spatial-pool
 projector) and randomly initialised GPT-2 / LLaMA LMs written offline by
-`downstream.tasks.causal_lm.init_causal_lm` (byte-level BPE learned on demo reports), and times
+`downstream.language.causal_lm.init_causal_lm` (byte-level BPE learned on demo reports), and times
 `task.generate` — encoder, projector and HF `generate` from `inputs_embeds` — greedy and with
 beam search. Every call is forced to produce exactly `--new-tokens` tokens (`min_new_tokens`),
 so tokens/s = batch x new tokens / wall time (for beams: tokens of the returned reports, not of
@@ -31,8 +31,8 @@ _spec = importlib.util.spec_from_file_location("_common", HERE / "_common.py")
 _common = sys.modules["_common"] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_common)
 
-from downstream.tasks.causal_lm import init_causal_lm  # noqa: E402
-from downstream.tasks.projector import ProjectorConfig  # noqa: E402
+from downstream.heads.projector import ProjectorConfig  # noqa: E402
+from downstream.language.causal_lm import init_causal_lm  # noqa: E402
 from downstream.tasks.report_generation import ReportGenerationTask  # noqa: E402
 from fm3d.demo.cohort import sample_cohort  # noqa: E402
 from fm3d.demo.reports import write_report  # noqa: E402

@@ -50,6 +50,10 @@ class EncoderSpecError(Fm3dError, ValueError):
     """An `encoder` argument that is neither a module, an existing path nor a known encoder name."""
 
 
+class TaskConfigError(Fm3dError, ValueError):
+    """Task arguments that do not fit together (e.g. a per-class setting with the wrong count)."""
+
+
 def resolve_encoder(encoder: str | Path | nn.Module, overrides: dict[str, Any] | None = None) -> nn.Module:
     """An fm3d encoder from a module, an export folder / .ckpt path, or a registry name.
 
@@ -113,17 +117,6 @@ def finite_mean(values: np.ndarray) -> float:
     """Mean of the finite entries (NaN marks a class or group that could not be scored); NaN if none."""
     finite = values[np.isfinite(values)]
     return float(finite.mean()) if finite.size else float("nan")
-
-
-def multilabel_evaluation(task: str, rows: list[dict[str, Any]]) -> Evaluation:
-    """Multi-label evaluation from per-class rows (`class`, `auroc`, `f1`, ...): macro means + AUROCs."""
-    table = pl.DataFrame(rows)
-    metrics = {
-        "auroc_macro": finite_mean(table["auroc"].to_numpy()),
-        "f1_macro": finite_mean(table["f1"].to_numpy()),
-        **{f"auroc_{row['class']}": row["auroc"] for row in rows},
-    }
-    return Evaluation(task, metrics, {"per_class": table})
 
 
 class DownstreamTask(L.LightningModule):

@@ -28,7 +28,7 @@ import yaml
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 
-from downstream.registry import TaskRegistryError, get_task, list_tasks
+from downstream.registry import get_task, list_tasks
 from fm3d.cli_errors import report
 from fm3d.errors import Fm3dError
 from fm3d.parsing import ArgumentParser
@@ -142,10 +142,7 @@ class FinetuneCLI(RunCLI):
 
 def build_cli(argv: list[str], run: bool = True) -> FinetuneCLI:
     """Parse `argv` (subcommand first) for the task it names and run it; returns the CLI object."""
-    try:
-        task_cls = get_task(task_name_from_args(argv))
-    except TaskRegistryError as exc:
-        raise FinetuneError(str(exc)) from exc
+    task_cls = get_task(task_name_from_args(argv))
     if task_cls.datamodule_class is None:
         raise FinetuneError(
             f"task {task_cls.task_name!r} declares no datamodule_class, so the CLI cannot feed it"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from downstream.tasks.causal_lm import init_causal_lm
+from downstream.language.causal_lm import init_causal_lm
 from fm3d.text_cli import model_parser, write_model
 
 FAMILIES = ("gpt2", "llama")

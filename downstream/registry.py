@@ -1,41 +1,31 @@
 """The downstream task registry: task names -> LightningModule classes.
 
-Built-in tasks register themselves with `@register_task("name")` when their module is imported;
-third-party packages add tasks without touching fm3d by declaring an entry point in the group
-`fm3d.tasks` (`name = "package.module:TaskClass"`, in their pyproject's
+Built-in tasks register themselves with `@register_task("name")`; every module of
+`downstream.tasks` is one task and is imported on first use (so a new task is a new file there,
+listed nowhere). Third-party packages add tasks without touching fm3d by declaring an entry point
+in the group `fm3d.tasks` (`name = "package.module:TaskClass"`, in their pyproject's
 `[project.entry-points."fm3d.tasks"]`). `list_tasks()` and `build_task()` see both.
 """
 
 from __future__ import annotations
 
-import importlib
-import logging
-from collections.abc import Callable
-from importlib.metadata import entry_points
+from collections.abc import Callable, Iterable
+from importlib.metadata import EntryPoint
 from typing import Any, TypeVar
 
 from fm3d.errors import Fm3dError
-
-logger = logging.getLogger(__name__)
+from fm3d.plugins import import_package_modules, load_entry_points
 
 ENTRY_POINT_GROUP = "fm3d.tasks"
-# Modules whose import registers the built-in tasks; imported lazily so `import downstream`
-# stays cheap and a task module may import the registry without a cycle.
-_BUILTIN_TASK_MODULES = (
-    "downstream.tasks.segmentation",
-    "downstream.tasks.classification",
-    "downstream.tasks.survival",
-    "downstream.tasks.zero_shot",
-    "downstream.tasks.retrieval",
-    "downstream.tasks.report_generation",
-)
+# Imported lazily, so `import downstream` stays cheap and a task module may import the registry.
+TASKS_PACKAGE = "downstream.tasks"
 
 _TASKS: dict[str, type] = {}
 T = TypeVar("T", bound=type)
 
 
 class TaskRegistryError(Fm3dError, LookupError):
-    """A task name that is unknown, registered twice, or whose entry point cannot be loaded."""
+    """A task name that is unknown or registered twice."""
 
 
 def register_task(name: str) -> Callable[[T], T]:
@@ -58,45 +48,27 @@ def register_task(name: str) -> Callable[[T], T]:
     return decorator
 
 
-def _load_builtin_tasks() -> None:
-    for module in _BUILTIN_TASK_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            # Only a missing task module itself is tolerated (it may not be installed/written yet);
-            # a missing dependency inside an existing module is a real error.
-            if exc.name != module:
-                raise
+def discover_tasks(found: Iterable[EntryPoint] | None = None) -> dict[str, type]:
+    """Every task: the modules of `downstream.tasks` and the `fm3d.tasks` entry points (or `found`).
 
-
-def _load_entry_point_tasks() -> None:
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in _TASKS:
-            continue
-        try:
-            cls = ep.load()
-        except Exception as exc:
-            raise TaskRegistryError(
-                f"entry point {ep.name!r} = {ep.value!r} in group {ENTRY_POINT_GROUP!r} cannot be loaded "
-                f"({exc}); fix or uninstall the package that declares it"
-            ) from exc
-        register_task(ep.name)(cls)
-
-
-def _all_tasks() -> dict[str, type]:
-    _load_builtin_tasks()
-    _load_entry_point_tasks()
+    An entry point whose name is taken keeps the registered class (a package may name its own
+    tasks in its entry points too); a broken one raises `PluginError` naming it.
+    """
+    import_package_modules(TASKS_PACKAGE)
+    for name, cls in load_entry_points(ENTRY_POINT_GROUP, found).items():
+        if name not in _TASKS:
+            register_task(name)(cls)
     return _TASKS
 
 
 def list_tasks() -> list[str]:
     """Names of every task: built-in ones and those installed through the `fm3d.tasks` entry points."""
-    return sorted(_all_tasks())
+    return sorted(discover_tasks())
 
 
 def get_task(name: str) -> type:
     """The task class registered under `name`."""
-    tasks = _all_tasks()
+    tasks = discover_tasks()
     if name not in tasks:
         raise TaskRegistryError(
             f"unknown downstream task {name!r}; known tasks: {sorted(tasks)}. Third-party tasks register "

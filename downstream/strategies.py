@@ -3,13 +3,14 @@
 - `frozen`: the encoder's weights never change (requires_grad off, kept in eval mode so dropout
   and normalisation statistics do not move either); only the task head trains — a linear probe
   when the head is linear.
-- `full`: every weight trains, with layer-wise learning-rate decay (BEiT/MAE recipe). The encoder
-  numbers its parameters with `encoder.layer_id(name)`: 0 for the embeddings, i + 1 for block i,
-  `encoder.num_layers + 1` for what follows the last block. A parameter of layer l gets
-  `lr * layer_decay ** (num_layers + 1 - l)`; the task head gets `lr`. So with 12 blocks and
-  decay 0.75 block 11 trains at 0.75 x lr and the patch embedding at 0.75^13 x lr.
-- `lora`: peft LoRA adapters on the attention (qkv, proj) and MLP (fc1, fc2; MONAI's Swin MLP
-  calls them linear1, linear2) projections; the encoder's own weights stay frozen and only the
+- `full`: every weight trains, with layer-wise learning-rate decay (BEiT/MAE recipe). The
+  encoder's family declares how its parameters are numbered (`EncoderFamily.layer_id`): 0 for
+  the embeddings, i + 1 for block i, depth + 1 for what follows the last block. A parameter of
+  layer l gets `lr * layer_decay ** (depth + 1 - l)`; the task head gets `lr`. So with 12
+  blocks and decay 0.75 block 11 trains at 0.75 x lr and the patch embedding at 0.75^13 x lr.
+- `lora`: peft LoRA adapters on the projections the family declares (`EncoderFamily.
+  lora_targets`: attention qkv/proj and MLP fc1/fc2 for vit3d, linear1/linear2 for MONAI's
+  Swin); `lora_targets` overrides them. The encoder's own weights stay frozen and only the
   adapters and the head train, all at `lr`.
 """
 
@@ -23,16 +24,13 @@ from typing import Literal
 from torch import nn
 
 from fm3d.errors import Fm3dError
+from fm3d.models.registry import encoder_family, get_family, list_families
 from fm3d.train.optim import is_no_decay
 
 logger = logging.getLogger(__name__)
 
 StrategyName = Literal["frozen", "full", "lora"]
 STRATEGIES: tuple[str, ...] = ("frozen", "full", "lora")
-# Module-name suffixes LoRA wraps: vit3d's attn.qkv/attn.proj/mlp.fc1/mlp.fc2 and MONAI Swin's
-# attn.qkv/attn.proj/mlp.linear1/mlp.linear2. Only nn.Linear modules are matched, so a patch
-# embedding convolution that happens to be called `proj` is left alone.
-DEFAULT_LORA_TARGETS: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2", "linear1", "linear2")
 
 
 class StrategyError(Fm3dError, ValueError):
@@ -46,7 +44,8 @@ class FinetuneStrategy:
     name: "frozen", "full" or "lora".
     layer_decay: LLRD factor for "full" (1.0 = same lr everywhere).
     lora_rank, lora_alpha, lora_dropout: LoRA adapter size, scale (alpha / rank) and dropout.
-    lora_targets: module-name suffixes that get adapters (only `nn.Linear` modules are wrapped).
+    lora_targets: module-name suffixes that get adapters (only `nn.Linear` modules are wrapped);
+        None takes those the encoder's family declares.
     """
 
     name: StrategyName = "frozen"
@@ -54,7 +53,7 @@ class FinetuneStrategy:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    lora_targets: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.name not in STRATEGIES:
@@ -63,17 +62,31 @@ class FinetuneStrategy:
             raise StrategyError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
         if self.lora_rank < 1:
             raise StrategyError(f"lora_rank must be >= 1, got {self.lora_rank}")
-        self.lora_targets = tuple(self.lora_targets)
+        if self.lora_targets is not None:
+            self.lora_targets = tuple(self.lora_targets)
 
 
 def _lora_target_modules(encoder: nn.Module, suffixes: Iterable[str]) -> list[str]:
-    """Full names of the Linear modules whose last name component is one of `suffixes`."""
-    wanted = set(suffixes)
+    """Full names of the Linear modules whose name ends with one of the dotted `suffixes`."""
     return [
         name
         for name, module in encoder.named_modules()
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in wanted
+        if isinstance(module, nn.Linear) and any(name == s or name.endswith(f".{s}") for s in suffixes)
     ]
+
+
+def lora_targets(encoder: nn.Module, strategy: FinetuneStrategy) -> tuple[str, ...]:
+    """The module-name suffixes LoRA adapts: the strategy's own, else those of the encoder's family."""
+    if strategy.lora_targets is not None:
+        return strategy.lora_targets
+    family = encoder_family(encoder)
+    if family is None or not family.lora_targets:
+        described = f"encoder family {family.name!r}" if family else type(encoder).__name__
+        raise StrategyError(
+            f"{described} declares no LoRA targets; set strategy.lora_targets to the encoder's "
+            "nn.Linear module names (e.g. [attn.qkv, attn.proj])"
+        )
+    return family.lora_targets
 
 
 def apply_strategy(encoder: nn.Module, strategy: FinetuneStrategy) -> nn.Module:
@@ -86,10 +99,11 @@ def apply_strategy(encoder: nn.Module, strategy: FinetuneStrategy) -> nn.Module:
         return encoder.eval()
     from peft import LoraConfig, inject_adapter_in_model  # peft is only needed for this strategy
 
-    targets = _lora_target_modules(encoder, strategy.lora_targets)
+    suffixes = lora_targets(encoder, strategy)
+    targets = _lora_target_modules(encoder, suffixes)
     if not targets:
         raise StrategyError(
-            f"LoRA found no nn.Linear named {list(strategy.lora_targets)} in {type(encoder).__name__}; "
+            f"LoRA found no nn.Linear named {list(suffixes)} in {type(encoder).__name__}; "
             "set strategy.lora_targets to the encoder's projection names"
         )
     config = LoraConfig(
@@ -124,17 +138,18 @@ def merge_lora(encoder: nn.Module) -> nn.Module:
 
 def layer_scales(encoder: nn.Module, layer_decay: float) -> dict[str, float]:
     """The LLRD multiplier of every encoder parameter, by name (see the module docstring)."""
-    layer_id = getattr(encoder, "layer_id", None)
-    num_layers = getattr(encoder, "num_layers", None)
-    if layer_id is None or num_layers is None:
+    family = encoder_family(encoder)
+    if family is None or family.layer_id is None:
         if layer_decay != 1.0:
+            numbered = [name for name in list_families() if get_family(name).layer_id is not None]
             raise StrategyError(
-                f"{type(encoder).__name__} has no layer_id()/num_layers, so layer-wise lr decay cannot be "
-                "applied; set strategy.layer_decay: 1.0"
+                f"{type(encoder).__name__} declares no layer ids, so layer-wise lr decay cannot be "
+                f"applied; set strategy.layer_decay: 1.0 (families with layer ids: {numbered})"
             )
         return {name: 1.0 for name, _ in encoder.named_parameters()}
+    depth = family.depth(encoder.config)
     return {
-        name: layer_decay ** (num_layers + 1 - min(layer_id(name), num_layers + 1))
+        name: layer_decay ** (depth + 1 - min(family.layer_id(name, depth), depth + 1))
         for name, _ in encoder.named_parameters()
     }
 

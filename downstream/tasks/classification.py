@@ -15,13 +15,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import f1_score, precision_recall_curve, roc_auc_score
+from sklearn.metrics import precision_recall_curve
 from torch import nn
 
-from downstream.base import DownstreamTask, Evaluation, StepOutput, multilabel_evaluation
+from downstream.base import DownstreamTask, Evaluation, StepOutput, TaskConfigError
 from downstream.data import ClassificationDataModule
+from downstream.multilabel import multilabel_evaluation, roc_figures
 from downstream.registry import register_task
-from downstream.strategies import FinetuneStrategy
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +45,11 @@ class ClassificationTask(DownstreamTask):
         hidden_dim: None for a linear head (a linear probe with the frozen strategy), else MLP width.
         dropout: dropout before the head.
         pos_weight: "auto" (training negatives / positives per class), "none", or one value per class.
-        (encoder, strategy, lr, weight_decay, warmup_steps, encoder_overrides: see DownstreamTask.)
+        kwargs: strategy, lr, weight_decay, warmup_steps, encoder_overrides (see DownstreamTask).
     """
 
     datamodule_class = ClassificationDataModule
+    # One class per label column the data module resolved (every boolean column for label_columns: null).
     cli_links = (("data", "model.class_names", lambda data: data.label_columns),)
 
     def __init__(
@@ -58,13 +59,9 @@ class ClassificationTask(DownstreamTask):
         hidden_dim: int | None = None,
         dropout: float = 0.0,
         pos_weight: Literal["auto", "none"] | list[float] = "auto",
-        strategy: FinetuneStrategy | None = None,
-        lr: float = 1e-3,
-        weight_decay: float = 0.05,
-        warmup_steps: int = 0,
-        encoder_overrides: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(encoder, strategy, lr, weight_decay, warmup_steps, encoder_overrides)
+        super().__init__(encoder, **kwargs)
         self.class_names = list(class_names)
         k, dim = len(self.class_names), self.encoder.embed_dim
         layers: list[nn.Module] = [nn.Dropout(dropout)]
@@ -78,7 +75,10 @@ class ClassificationTask(DownstreamTask):
             torch.tensor(pos_weight, dtype=torch.float32) if isinstance(pos_weight, list) else torch.ones(k)
         )
         if initial.shape != (k,):
-            raise ValueError(f"pos_weight has {initial.numel()} values for {k} classes")
+            raise TaskConfigError(
+                f"model.pos_weight has {initial.numel()} values for {k} classes {self.class_names}; "
+                "give one per class, or 'auto' / 'none'"
+            )
         self.register_buffer("pos_weight", initial)
         self.register_buffer("thresholds", torch.full((k,), 0.5))
 
@@ -115,40 +115,23 @@ class ClassificationTask(DownstreamTask):
         return StepOutput(loss, collect)
 
     def summarize(self, collected: dict[str, Any], stage: str) -> Evaluation:
-        probs, labels, mask = (collected[k].float().numpy() for k in ("probs", "labels", "mask"))
-        mask = mask.astype(bool)
         if stage == "val":
+            probs, labels, mask = (collected[k].float().numpy() for k in ("probs", "labels", "mask"))
+            mask = mask.astype(bool)
             tuned = [
                 tune_threshold(labels[mask[:, k], k], probs[mask[:, k], k])
                 for k in range(len(self.class_names))
             ]
             self.thresholds.copy_(torch.tensor(tuned))
-        rows = []
-        for k, name in enumerate(self.class_names):
-            y, s = labels[mask[:, k], k], probs[mask[:, k], k]
-            auroc = float(roc_auc_score(y, s)) if len(np.unique(y)) == 2 else float("nan")
-            threshold = float(self.thresholds[k])
-            f1 = float(f1_score(y, s >= threshold, zero_division=0.0)) if len(y) else float("nan")
-            rows.append(
-                {
-                    "class": name,
-                    "auroc": auroc,
-                    "f1": f1,
-                    "threshold": threshold,
-                    "positives": int(y.sum()),
-                    "n": len(y),
-                }
-            )
-        return multilabel_evaluation(self.task_name, rows)
+        thresholds = self.thresholds.tolist()
+        return multilabel_evaluation(
+            self.task_name, collected, self.class_names, thresholds, {"threshold": thresholds}
+        )
 
     def figures(self, collected: dict[str, Any], evaluation: Evaluation) -> dict[str, Any]:
-        from downstream.plots import roc_curves_figure
-
-        labels, probs, mask = (collected[k].numpy() for k in ("labels", "probs", "mask"))
-        return {"roc_curves": roc_curves_figure(labels, probs, self.class_names, mask)}
+        return roc_figures(collected, self.class_names)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """Probabilities and thresholded findings per study."""
         probs = torch.sigmoid(self(self.prepare_image(batch["image"])))
         return {"study_id": list(batch["study_id"]), "probs": probs, "findings": probs >= self.thresholds}
-

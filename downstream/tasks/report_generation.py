@@ -1,7 +1,7 @@
 """Report generation: encoder tokens -> projector -> a Hugging Face causal LM (M3D-LaMed's recipe).
 
 The LM input is [image tokens][prompt tokens][report tokens][eos]: the projector's
-`num_tokens` image embeddings (`downstream.tasks.projector`) and the embedded prompt are
+`num_tokens` image embeddings (`downstream.heads.projector`) and the embedded prompt are
 prepended as `inputs_embeds`, and the next-token loss counts only the report tokens and the
 end-of-sequence token. Two stages:
 
@@ -16,7 +16,7 @@ ROUGE-L, METEOR only where nltk's WordNet data is installed (the evaluation's `m
 table says when it is skipped), and the clinical-finding F1: with `finding_reader` set to a
 CLIP folder, the findings of generated and reference reports are read by CLIP's text side with
 the zero-shot prompt pairs of `finding_prompt_set` (P(present) >= 0.5 by
-`downstream.tasks.prompts.read_findings`), and the generated ones are scored against the
+`downstream.language.prompts.read_findings`), and the generated ones are scored against the
 reference ones. Checkpoints hold the projector, LoRA adapters and encoder, not the frozen LM or
 the reader (both reloaded from their paths).
 """
@@ -33,12 +33,11 @@ import torch
 from torch import nn
 
 from downstream.base import DownstreamTask, Evaluation, StepOutput
+from downstream.heads.projector import ProjectorConfig, build_projector
+from downstream.language.causal_lm import add_lora, load_causal_lm
+from downstream.language.clip_eval import LanguageTaskError
+from downstream.language.prompts import encode_prompts, load_prompt_set, read_findings
 from downstream.registry import register_task
-from downstream.strategies import FinetuneStrategy
-from downstream.tasks.causal_lm import add_lora, load_causal_lm
-from downstream.tasks.clip_task import LanguageTaskError
-from downstream.tasks.projector import ProjectorConfig, build_projector
-from downstream.tasks.prompts import encode_prompts, load_prompt_set, read_findings
 from downstream.tasks.report_data import ReportDataModule
 from fm3d.clip import load_clip
 from fm3d.metrics.report_text import finding_f1, meteor_unavailable, text_metrics
@@ -69,7 +68,8 @@ class ReportGenerationTask(DownstreamTask):
         finding_reader: CLIP folder whose text side reads findings for the clinical F1; None skips it.
         finding_prompt_set: prompt set naming the findings the reader looks for.
         lm_dtype: LM weights' dtype (e.g. "bfloat16" on a GPU); None keeps the saved dtype.
-        (strategy, lr, weight_decay, warmup_steps, encoder_overrides: see DownstreamTask.)
+        lr, weight_decay: as in DownstreamTask, with the defaults of M3D-LaMed's projector training.
+        kwargs: strategy, warmup_steps, encoder_overrides (see DownstreamTask).
     """
 
     datamodule_class = ReportDataModule
@@ -93,13 +93,11 @@ class ReportGenerationTask(DownstreamTask):
         finding_reader: str | None = None,
         finding_prompt_set: str | None = "demo",
         lm_dtype: str | None = None,
-        strategy: FinetuneStrategy | None = None,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
-        warmup_steps: int = 0,
-        encoder_overrides: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(encoder, strategy, lr, weight_decay, warmup_steps, encoder_overrides)
+        super().__init__(encoder, lr=lr, weight_decay=weight_decay, **kwargs)
         if stage not in (1, 2):
             raise LanguageTaskError(f"report generation stage must be 1 or 2, got {stage}")
         self.stage = stage

@@ -6,7 +6,7 @@ at chance): Recall@K for K in `ks` (default 1, 5, 10, 50) in both directions and
 precision, as `image_to_report_recall_at_K`, `report_to_image_mAP`, ...; the recall@K curve is a figure.
 
 Embeddings are cached on disk by study_id (`embedding_cache`, default
-`<trainer.default_root_dir>/embeddings`; see `downstream.tasks.embedding_cache`), so a second
+`<trainer.default_root_dir>/embeddings`; see `downstream.language.embedding_cache`), so a second
 evaluation with the same encoder/CLIP files and crop size skips the encoder. `embed_texts` and
 `read_reports` (a CT-RATE style CSV) serve text-only retrieval, e.g. findings vs impressions.
 """
@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from downstream.base import Evaluation, StepOutput
+from downstream.language.clip_eval import ClipEvalTask
+from downstream.language.embedding_cache import EmbeddingCache, fingerprint
 from downstream.registry import register_task
-from downstream.tasks.clip_task import ClipEvalTask
-from downstream.tasks.embedding_cache import EmbeddingCache, fingerprint
 from downstream.tasks.report_data import ReportDataModule
 from fm3d.clip import ClipModel
 from fm3d.metrics.retrieval import retrieval_metrics

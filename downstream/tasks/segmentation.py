@@ -25,9 +25,8 @@ from torch import nn
 
 from downstream.base import DownstreamTask, Evaluation, StepOutput
 from downstream.data import SegmentationDataModule
+from downstream.heads.decoders import build_decoder
 from downstream.registry import register_task
-from downstream.strategies import FinetuneStrategy
-from downstream.tasks.decoders import build_decoder
 from fm3d.data.preprocess import PreprocessRecord, invert_preprocessing
 from fm3d.metrics.segmentation import dice_per_class, mean_dice
 
@@ -45,8 +44,10 @@ class SegmentationTask(DownstreamTask):
         overlap: sliding-window overlap fraction.
         sw_batch_size: windows per forward pass during inference.
         feature_size: decoder width (UNETR's feature_size; swin decoders use the encoder's).
+        decoder: a registered decoder name (`downstream.heads.decoders`); None takes the one the
+            encoder's family declares (unetr for vit3d, swin_unetr for swin3d).
         prediction_dir: where `predict` writes NIfTI label maps (default: <run>/predictions).
-        (encoder, strategy, lr, weight_decay, warmup_steps, encoder_overrides: see DownstreamTask.)
+        kwargs: strategy, lr, weight_decay, warmup_steps, encoder_overrides (see DownstreamTask).
     """
 
     datamodule_class = SegmentationDataModule
@@ -64,21 +65,20 @@ class SegmentationTask(DownstreamTask):
         overlap: float = 0.25,
         sw_batch_size: int = 2,
         feature_size: int = 16,
+        decoder: str | None = None,
         prediction_dir: str | None = None,
-        strategy: FinetuneStrategy | None = None,
-        lr: float = 1e-3,
-        weight_decay: float = 0.05,
-        warmup_steps: int = 0,
-        encoder_overrides: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(encoder, strategy, lr, weight_decay, warmup_steps, encoder_overrides)
+        super().__init__(encoder, **kwargs)
         self.class_names = list(class_names)
         self.num_classes = len(self.class_names) + 1
         self.roi_size = tuple(roi_size)
         self.overlap = overlap
         self.sw_batch_size = sw_batch_size
         self.prediction_dir = prediction_dir
-        self.decoder, self.hidden_layers = build_decoder(self.encoder, self.num_classes, feature_size)
+        self.decoder, self.hidden_layers = build_decoder(
+            self.encoder, self.num_classes, feature_size, decoder
+        )
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

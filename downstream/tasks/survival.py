@@ -23,7 +23,6 @@ from torch import nn
 from downstream.base import DownstreamTask, Evaluation, StepOutput, finite_mean
 from downstream.data import SurvivalDataModule
 from downstream.registry import register_task
-from downstream.strategies import FinetuneStrategy
 from ehr.metrics import SurvivalMetricError, harrell_c, integrated_brier_score
 from ehr.tte import PiecewiseExponentialHead, fit_bin_edges
 from fm3d.errors import Fm3dError
@@ -45,7 +44,7 @@ class SurvivalTask(DownstreamTask):
         bin_edges_days: explicit edges (0, ..., inf) instead of fitted ones.
         rank: the head's low-rank projection size.
         horizon_days: time at which the cumulative hazard ranks studies for the C-index.
-        (encoder, strategy, lr, weight_decay, warmup_steps, encoder_overrides: see DownstreamTask.)
+        kwargs: strategy, lr, weight_decay, warmup_steps, encoder_overrides (see DownstreamTask).
     """
 
     datamodule_class = SurvivalDataModule
@@ -59,13 +58,9 @@ class SurvivalTask(DownstreamTask):
         bin_edges_days: list[float] | None = None,
         rank: int = 32,
         horizon_days: float | None = None,
-        strategy: FinetuneStrategy | None = None,
-        lr: float = 1e-3,
-        weight_decay: float = 0.05,
-        warmup_steps: int = 0,
-        encoder_overrides: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(encoder, strategy, lr, weight_decay, warmup_steps, encoder_overrides)
+        super().__init__(encoder, **kwargs)
         self.task_names = list(task_names)
         self.num_bins = num_bins
         self.rank = rank
@@ -198,4 +193,3 @@ def _or_nan(compute: Any) -> float:
     except SurvivalMetricError as exc:
         logger.info("survival metric undefined: %s", exc)
         return float("nan")
-

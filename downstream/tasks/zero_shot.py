@@ -3,7 +3,7 @@
 For each finding (a label column) and each template pair of the prompt set, the image's joint-
 space embedding is compared with the embeddings of "{finding} is present." and "{finding} is not
 present."; a softmax over the pair (CT-CLIP) gives P(present), averaged over the templates
-(Merlin-style prompt averaging). See `downstream.tasks.prompts` for the arithmetic and the
+(Merlin-style prompt averaging). See `downstream.language.prompts` for the arithmetic and the
 prompt-set files (`ct_rate`: CT-RATE's 18 abnormalities; `demo`: the demo cohort's 8 findings).
 
 Data: `ClassificationDataModule` (a per-study table of boolean finding columns, e.g. the demo's
@@ -16,17 +16,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import f1_score, roc_auc_score
 from torch import nn
 
-from downstream.base import Evaluation, StepOutput, multilabel_evaluation
+from downstream.base import Evaluation, StepOutput
 from downstream.data import ClassificationDataModule
+from downstream.language.clip_eval import ClipEvalTask
+from downstream.language.prompts import encode_prompts, load_prompt_set, pair_probabilities
+from downstream.multilabel import multilabel_evaluation, roc_figures
 from downstream.registry import register_task
-from downstream.tasks.clip_task import ClipEvalTask
-from downstream.tasks.prompts import encode_prompts, load_prompt_set, pair_probabilities
 from fm3d.clip import ClipModel
 
 
@@ -84,31 +83,17 @@ class ZeroShotTask(ClipEvalTask):
         )
 
     def summarize(self, collected: dict[str, Any], stage: str) -> Evaluation:
-        probs, labels, mask = (collected[k].float().numpy() for k in ("probs", "labels", "mask"))
-        mask = mask.astype(bool)
-        rows = []
-        for k, name in enumerate(self.class_names):
-            y, p = labels[mask[:, k], k], probs[mask[:, k], k]
-            rows.append(
-                {
-                    "class": name,
-                    "prompt": self.prompts[k][0][0],
-                    "auroc": float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan"),
-                    "f1": float(f1_score(y, p >= 0.5, zero_division=0.0)) if len(y) else float("nan"),
-                    "positives": int(y.sum()),
-                    "n": len(y),
-                }
-            )
-        return multilabel_evaluation(self.task_name, rows)
+        # The decision point of a prompt pair is its own: P(present) = 0.5.
+        first_prompts = [pairs[0][0] for pairs in self.prompts]
+        thresholds = [0.5] * len(self.class_names)
+        return multilabel_evaluation(
+            self.task_name, collected, self.class_names, thresholds, {"prompt": first_prompts}
+        )
 
     def figures(self, collected: dict[str, Any], evaluation: Evaluation) -> dict[str, Any]:
-        from downstream.plots import roc_curves_figure
-
-        labels, probs, mask = (collected[k].numpy() for k in ("labels", "probs", "mask"))
-        return {"roc_curves": roc_curves_figure(labels, probs, self.class_names, mask)}
+        return roc_figures(collected, self.class_names)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """P(present) per finding and study, and the findings called present (P >= 0.5)."""
         probs = self(batch["image"])
         return {"study_id": list(batch["study_id"]), "probs": probs, "findings": probs >= 0.5}
-

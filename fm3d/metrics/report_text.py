@@ -9,7 +9,7 @@
   (`python -m nltk.downloader wordnet`); otherwise it is absent from the results and
   `meteor_unavailable()` says why. It is never downloaded at run time.
 - Clinical-finding F1: findings read from generated and reference reports ([N, K] booleans,
-  from any reader, e.g. `downstream.tasks.prompts.read_findings`), scored with the reference's
+  from any reader, e.g. `downstream.language.prompts.read_findings`), scored with the reference's
   findings as truth: F1 per finding, micro (pooled counts) and macro (mean over findings that
   occur in the references or the predictions).
 """

@@ -49,13 +49,6 @@ class EncoderConfig:
     # Where the weights came from and the input they expect, beyond spacing and HU window
     # (peer format, file, axis order, intensity scaling); filled by fm3d.models.adapters.
     source: dict[str, Any] = field(default_factory=dict)
-    # Every family's config class by its `family`, filled as the classes are defined.
-    families: ClassVar[dict[str, type[EncoderConfig]]] = {}
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.family:
-            EncoderConfig.families[cls.family] = cls
 
     def __post_init__(self) -> None:
         # Configs come from files: a wrong type is named here, not met as a torch error later.

@@ -1,4 +1,4 @@
-"""The encoder contract every fm3d encoder family implements.
+"""The encoder contract every fm3d encoder family implements, and the declaration of a family.
 
 `forward(x: [B, 1, D, H, W]) -> EncoderOutput`. Arrays everywhere in fm3d are indexed
 [D, H, W] = (z, y, x) of the RAS-canonical volume (D runs inferior -> superior, H posterior
@@ -7,9 +7,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+from fm3d.models.config import EncoderConfig
 
 
 @dataclass
@@ -30,3 +34,33 @@ class EncoderOutput:
     grid: tuple[int, int, int]
     hidden: list[torch.Tensor] = field(default_factory=list)
     hidden_grids: list[tuple[int, int, int]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EncoderFamily:
+    """What an encoder family declares so that fine-tuning needs no knowledge of its internals.
+
+    Each family module registers one (`fm3d.models.registry.register_family`); the downstream
+    strategies and the segmentation task read it instead of guessing from attribute names.
+
+    config_class: the family's config dataclass; its `family` class variable is the family's name.
+    width: channels of `tokens` and `pooled` for a config (what a task head reads).
+    depth: how many numbered layers a config has; layer ids run from 0 (embeddings) to depth + 1.
+    layer_id: (parameter name, depth) -> that parameter's layer id, for layer-wise lr decay;
+        None when the family's layers cannot be numbered (layer decay is then refused).
+    lora_targets: module-name suffixes (dotted, e.g. "attn.qkv") that get LoRA adapters.
+    decoder: the name of its default segmentation decoder in the downstream decoder registry
+        (a name, since fm3d never imports downstream); None when it has none.
+    """
+
+    config_class: type[EncoderConfig]
+    width: Callable[[Any], int]
+    depth: Callable[[Any], int]
+    layer_id: Callable[[str, int], int] | None = None
+    lora_targets: tuple[str, ...] = ()
+    decoder: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The family's name, as written in every config.json (`"family": "vit3d"`)."""
+        return self.config_class.family

@@ -1,25 +1,33 @@
-"""The encoder registry: `create_encoder(name, **overrides)` over factories filled by a decorator.
+"""The encoder registry: families and their named sizes, found rather than listed.
 
-Each family module registers its named sizes with `@register_encoder("vit3d_base")`. The
-registry imports the modules in `FAMILY_MODULES` on first use, so a new family is one line
-here plus its own module.
+A family module declares its `EncoderFamily` with `register_family` and its named sizes with
+`@register_encoder("vit3d_base")`. The built-in families are the modules of
+`fm3d.models.families`, all imported on first use, so a new family is one new file there;
+a third-party package adds one through an entry point in the group `fm3d.encoders`
+(`my_family = "my_package.my_family"` under `[project.entry-points."fm3d.encoders"]`), naming
+the module whose import registers it.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from importlib.metadata import EntryPoint
 from typing import Any
 
 from torch import nn
 
 from fm3d.cli_errors import did_you_mean
-from fm3d.models.config import EncoderConfig, EncoderConfigError
+from fm3d.models.config import EncoderConfigError
+from fm3d.models.encoder import EncoderFamily
+from fm3d.plugins import import_package_modules, load_entry_points
 
-FAMILY_MODULES: tuple[str, ...] = ("fm3d.models.vit3d", "fm3d.models.swin3d", "fm3d.models.resnet3d")
+FAMILIES_PACKAGE = "fm3d.models.families"
+ENTRY_POINT_GROUP = "fm3d.encoders"
 
 EncoderFactory = Callable[..., nn.Module]
 _REGISTRY: dict[str, EncoderFactory] = {}
+_FAMILIES: dict[str, EncoderFamily] = {}
+_discovered = False
 
 
 def register_encoder(name: str) -> Callable[[EncoderFactory], EncoderFactory]:
@@ -34,15 +42,60 @@ def register_encoder(name: str) -> Callable[[EncoderFactory], EncoderFactory]:
     return decorator
 
 
-def _load_families() -> None:
-    for module in FAMILY_MODULES:
-        importlib.import_module(module)
+def register_family(family: EncoderFamily) -> EncoderFamily:
+    """Declare an encoder family (see `EncoderFamily`); returns it, to keep beside its module's code."""
+    existing = _FAMILIES.get(family.name)
+    if existing is not None and existing.config_class is not family.config_class:
+        raise EncoderConfigError(
+            f"encoder family {family.name!r} is declared twice ({existing.config_class.__module__} and "
+            f"{family.config_class.__module__}); give one of the config classes another `family`."
+        )
+    _FAMILIES[family.name] = family
+    return family
+
+
+def discover_families(found: Iterable[EntryPoint] | None = None) -> None:
+    """Import the built-in family modules and those named by `fm3d.encoders` entry points.
+
+    `found` replaces the installed entry points (tests); without it this runs once per process.
+    """
+    global _discovered
+    if _discovered and found is None:
+        return
+    import_package_modules(FAMILIES_PACKAGE)
+    load_entry_points(ENTRY_POINT_GROUP, found)
+    _discovered = _discovered or found is None
 
 
 def list_encoders() -> list[str]:
     """The registered encoder names, sorted."""
-    _load_families()
+    discover_families()
     return sorted(_REGISTRY)
+
+
+def list_families() -> list[str]:
+    """The declared encoder family names, sorted."""
+    discover_families()
+    return sorted(_FAMILIES)
+
+
+def get_family(name: str) -> EncoderFamily:
+    """The declaration of the family `name`; an unknown name lists the known ones."""
+    discover_families()
+    if name not in _FAMILIES:
+        hint = did_you_mean(str(name), _FAMILIES, quote="'")
+        raise EncoderConfigError(
+            f"unknown encoder family {name!r}{hint}; known families: {', '.join(sorted(_FAMILIES))}."
+        )
+    return _FAMILIES[name]
+
+
+def encoder_family(encoder: nn.Module) -> EncoderFamily | None:
+    """The declared family of an encoder module, by its config; None for a module of no family."""
+    config = getattr(encoder, "config", None)
+    name = getattr(type(config), "family", None)
+    discover_families()
+    return _FAMILIES.get(name) if isinstance(name, str) else None
 
 
 def create_encoder(name: str, **overrides: Any) -> nn.Module:
@@ -50,7 +103,7 @@ def create_encoder(name: str, **overrides: Any) -> nn.Module:
 
     Example: `create_encoder("vit3d_base", patch_size=(4, 16, 16), img_size=(32, 256, 256))`.
     """
-    _load_families()
+    discover_families()
     if name not in _REGISTRY:
         hint = did_you_mean(str(name), _REGISTRY, quote="'")
         raise EncoderConfigError(
@@ -66,13 +119,8 @@ def encoder_from_config(config: dict[str, Any]) -> nn.Module:
     config = dict(config)
     name = config.pop("name", None)
     family = config.pop("family", None)
-    _load_families()
-    if family is not None and family not in EncoderConfig.families:
-        hint = did_you_mean(str(family), EncoderConfig.families, quote="'")
-        raise EncoderConfigError(
-            f"unknown encoder family {family!r}{hint}; known families: "
-            f"{', '.join(sorted(EncoderConfig.families))}."
-        )
+    if family is not None:
+        get_family(str(family))
     if not name or not isinstance(name, str):
         raise EncoderConfigError(f"encoder config has no 'name' (family {family!r}); cannot rebuild it.")
     encoder = create_encoder(name, **config)

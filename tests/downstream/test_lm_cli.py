@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from downstream.language.causal_lm import load_causal_lm
 from downstream.lm_cli import main
-from downstream.tasks.causal_lm import load_causal_lm
 from fm3d.demo import generate_demo_cohort
 
 FM3D = Path(sys.executable).with_name("fm3d")

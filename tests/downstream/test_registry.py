@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+from importlib.metadata import EntryPoint
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from downstream import registry
 from downstream.base import DownstreamTask
 from downstream.registry import TaskRegistryError, build_task, get_task, list_tasks, register_task
+from fm3d.plugins import PluginError
 
 TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8, "img_size": (16, 16, 16)}
 
@@ -82,5 +84,30 @@ def test_broken_entry_point_names_itself(tmp_path: Path, monkeypatch: pytest.Mon
     (dist_info / "entry_points.txt").write_text("[fm3d.tasks]\nbroken = not_a_module_anywhere:Task\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(registry, "_TASKS", dict(registry._TASKS))
-    with pytest.raises(TaskRegistryError, match=r"'broken'.*not_a_module_anywhere"):
+    with pytest.raises(PluginError, match=r"'broken'.*not_a_module_anywhere.*'fm3d.tasks'"):
         list_tasks()
+
+
+def test_discovery_scans_the_tasks_package_and_takes_given_entry_points(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The built-ins come from scanning downstream/tasks; each task module registers itself there.
+    tasks = registry.discover_tasks()
+    builtin = {"segmentation", "classification", "survival", "zero_shot", "retrieval", "report_generation"}
+    assert builtin <= set(tasks)
+    assert all(tasks[name].__module__ == f"downstream.tasks.{name}" for name in builtin)
+    package = tmp_path / "given_tasks"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "from downstream.base import DownstreamTask\n\nclass GivenTask(DownstreamTask):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_TASKS", dict(registry._TASKS))
+    found = [
+        EntryPoint("given", "given_tasks:GivenTask", registry.ENTRY_POINT_GROUP),
+        # A name already taken keeps its registered class.
+        EntryPoint("classification", "given_tasks:GivenTask", registry.ENTRY_POINT_GROUP),
+    ]
+    tasks = registry.discover_tasks(found)
+    assert tasks["given"].__name__ == "GivenTask" and tasks["given"].task_name == "given"
+    assert tasks["classification"].__module__ == "downstream.tasks.classification"

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import lightning as L
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 import fm3d
@@ -18,6 +21,10 @@ from downstream.strategies import (
     parameter_groups,
 )
 from downstream.tasks.classification import ClassificationTask
+from fm3d.models import registry
+from fm3d.models.config import EncoderConfig
+from fm3d.models.encoder import EncoderFamily, EncoderOutput
+from fm3d.models.families.vit3d import vit_layer_id
 
 TINY = {"embed_dim": 32, "depth": 3, "num_heads": 2, "patch_size": 8, "img_size": (16, 16, 16)}
 
@@ -99,7 +106,7 @@ def test_layerwise_lr_decay_assigns_the_documented_lr_per_layer() -> None:
     lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
     wd_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     for name, param in encoder.named_parameters():
-        assert math.isclose(lr_of[id(param)], lr * decay ** (depth + 1 - encoder.layer_id(name)))
+        assert math.isclose(lr_of[id(param)], lr * decay ** (depth + 1 - vit_layer_id(name, depth)))
     assert lr_of[id(head.weight)] == lr and wd_of[id(head.weight)] == 0.05 and wd_of[id(head.bias)] == 0.0
     assert sum(len(g["params"]) for g in groups) == len(list(encoder.parameters())) + 2
 
@@ -126,3 +133,85 @@ def test_fine_tuning_uses_the_shared_no_decay_rule_and_schedule() -> None:
     assert wd_of[id(task.encoder.blocks[0].attn.qkv.weight)] == 0.05
     (scheduler,) = [config.scheduler for config in task.trainer.lr_scheduler_configs]
     assert scheduler.state_dict()["lr_lambdas"][0] == {"warmup_steps": 2, "max_steps": 4, "min_ratio": 0.0}
+
+
+@dataclass
+class StackConfig(EncoderConfig):
+    """A test family: `layers` Linear stages, each with an `inner` and an `outer` projection."""
+
+    family: ClassVar[str] = "stack_test"
+    width: int = 4
+    layers: int = 3
+
+
+class Stack(nn.Module):
+    """Tokens of a volume through `layers` (inner, outer) Linear pairs; a tiny but real encoder."""
+
+    def __init__(self, config: StackConfig) -> None:
+        super().__init__()
+        self.config, self.embed_dim = config, config.width
+        self.stem = nn.Linear(1, config.width)
+        self.stages = nn.ModuleList(
+            nn.ModuleDict(
+                {
+                    "inner": nn.Linear(config.width, config.width),
+                    "outer": nn.Linear(config.width, config.width),
+                }
+            )
+            for _ in range(config.layers)
+        )
+
+    def forward(self, x: torch.Tensor, hidden_layers=None) -> EncoderOutput:
+        tokens = self.stem(x.flatten(2).transpose(1, 2))
+        for stage in self.stages:
+            tokens = stage["outer"](torch.relu(stage["inner"](tokens)))
+        return EncoderOutput(tokens, tokens.mean(1), tuple(x.shape[2:]))
+
+
+def _stage_id(param_name: str, depth: int) -> int:
+    """stem 0, stages.i -> i + 1 (nothing follows the last stage)."""
+    return int(param_name.split(".")[1]) + 1 if param_name.startswith("stages.") else 0
+
+
+@pytest.fixture
+def stack_family(monkeypatch: pytest.MonkeyPatch) -> EncoderFamily:
+    registry.discover_families()
+    monkeypatch.setattr(registry, "_FAMILIES", dict(registry._FAMILIES))
+    return registry.register_family(
+        EncoderFamily(
+            StackConfig,
+            width=lambda c: c.width,
+            depth=lambda c: c.layers,
+            layer_id=_stage_id,
+            lora_targets=("inner",),
+        )
+    )
+
+
+def test_a_registered_family_gets_lora_on_its_declared_targets(stack_family: EncoderFamily) -> None:
+    encoder = apply_strategy(Stack(StackConfig()), FinetuneStrategy("lora", lora_rank=2))
+    adapted = {n.rsplit(".lora_", 1)[0] for n, p in encoder.named_parameters() if p.requires_grad}
+    assert adapted == {"stages.0.inner", "stages.1.inner", "stages.2.inner"}
+    # An explicit strategy.lora_targets still overrides the declaration.
+    encoder = apply_strategy(Stack(StackConfig()), FinetuneStrategy("lora", lora_targets=("1.outer",)))
+    assert {n.rsplit(".lora_", 1)[0] for n, p in encoder.named_parameters() if p.requires_grad} == {
+        "stages.1.outer"
+    }
+
+
+def test_a_registered_family_gets_layer_decay_from_its_declared_layer_ids(
+    stack_family: EncoderFamily,
+) -> None:
+    scales = layer_scales(Stack(StackConfig(layers=3)), 0.5)
+    # depth 3: layer l gets 0.5 ** (4 - l); the stem (0) 1/16, stage 2 (layer 3) 1/2.
+    assert scales["stem.weight"] == 0.5**4 and scales["stages.0.inner.bias"] == 0.5**3
+    assert scales["stages.2.outer.weight"] == 0.5
+
+
+def test_families_without_declarations_get_clear_errors(stack_family: EncoderFamily) -> None:
+    resnet = fm3d.create_encoder("resnet3d_i3d", layers=(1, 1, 1, 1), base_width=4)
+    with pytest.raises(StrategyError, match=r"declares no layer ids.*layer_decay: 1\.0.*'swin3d', 'vit3d'"):
+        layer_scales(resnet, 0.75)
+    assert set(layer_scales(resnet, 1.0).values()) == {1.0}
+    with pytest.raises(StrategyError, match=r"family 'resnet3d_i3d' declares no LoRA targets.*lora_targets"):
+        apply_strategy(resnet, FinetuneStrategy("lora"))

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import fm3d
-from downstream.tasks.causal_lm import init_causal_lm
+from downstream.language.causal_lm import init_causal_lm
 from fm3d.clip import ClipConfig, ClipModel, save_clip
 from fm3d.text import init_text_model
 

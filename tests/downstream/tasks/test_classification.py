@@ -8,11 +8,13 @@ from types import SimpleNamespace
 
 import numpy as np
 import polars as pl
+import pytest
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import f1_score, roc_auc_score
 
 import fm3d
+from downstream.base import TaskConfigError
 from downstream.cli import main as finetune
 from downstream.evaluate import main as evaluate
 from downstream.tasks.classification import ClassificationTask, tune_threshold
@@ -99,3 +101,8 @@ def test_summary_and_loss_match_sklearn_and_torch() -> None:
         assert np.isclose(evaluation.metrics[f"auroc_{name}"], roc_auc_score(y, s))
         row = evaluation.tables["per_class"].row(k, named=True)
         assert np.isclose(row["f1"], f1_score(y, s >= float(task.thresholds[k])))
+
+
+def test_pos_weight_of_the_wrong_length_names_the_classes() -> None:
+    with pytest.raises(TaskConfigError, match=r"model.pos_weight has 3 values for 2 classes \['a', 'b'\]"):
+        ClassificationTask("vit3d_tiny", ["a", "b"], encoder_overrides=TINY, pos_weight=[1.0, 2.0, 3.0])

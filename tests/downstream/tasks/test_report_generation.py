@@ -13,9 +13,9 @@ import torch.nn.functional as F
 
 from downstream.cli import main as finetune
 from downstream.evaluate import main as evaluate
-from downstream.tasks.clip_task import LanguageTaskError
-from downstream.tasks.projector import ProjectorConfig
-from downstream.tasks.prompts import encode_prompts, load_prompt_set, read_findings
+from downstream.heads.projector import ProjectorConfig
+from downstream.language.clip_eval import LanguageTaskError
+from downstream.language.prompts import encode_prompts, load_prompt_set, read_findings
 from downstream.tasks.report_generation import ReportGenerationTask
 from fm3d.clip import load_clip
 from fm3d.metrics.report_text import finding_f1, text_metrics

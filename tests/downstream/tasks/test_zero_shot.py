@@ -15,8 +15,8 @@ from sklearn.metrics import roc_auc_score
 from downstream.cli import build_cli
 from downstream.cli import main as finetune
 from downstream.evaluate import main as evaluate
-from downstream.tasks.clip_task import LanguageTaskError
-from downstream.tasks.prompts import (
+from downstream.language.clip_eval import LanguageTaskError
+from downstream.language.prompts import (
     PromptSetError,
     encode_prompts,
     list_prompt_sets,

@@ -1,4 +1,4 @@
-"""The encoder registry: names, overrides, errors and config round trips."""
+"""The encoder registry: names, overrides, errors, config round trips and family declarations."""
 
 from __future__ import annotations
 
@@ -10,7 +10,13 @@ import torch
 import fm3d
 from fm3d.models import registry
 from fm3d.models.config import EncoderConfigError, Swin3DConfig, ViT3DConfig
-from fm3d.models.registry import FAMILY_MODULES, encoder_from_config, register_encoder
+from fm3d.models.registry import (
+    encoder_family,
+    encoder_from_config,
+    get_family,
+    list_families,
+    register_encoder,
+)
 
 
 def test_list_encoders_has_every_size():
@@ -18,7 +24,28 @@ def test_list_encoders_has_every_size():
     for name in ("vit3d_tiny", "vit3d_small", "vit3d_base", "vit3d_large", "swin3d_tiny", "swin3d_base"):
         assert name in names
     assert names == sorted(names)
-    assert "fm3d.models.vit3d" in FAMILY_MODULES
+
+
+def test_every_builtin_family_module_is_found_and_declares_itself():
+    # Found by scanning fm3d/models/families, not from a hand-kept list.
+    assert list_families() == ["resnet3d_i3d", "swin3d", "vit3d"]
+    vit, swin, resnet = get_family("vit3d"), get_family("swin3d"), get_family("resnet3d_i3d")
+    assert (vit.decoder, swin.decoder, resnet.decoder) == ("unetr", "swin_unetr", None)
+    assert vit.config_class is ViT3DConfig and swin.config_class is Swin3DConfig
+    assert resnet.layer_id is None and resnet.lora_targets == ()
+    small = {"vit3d_tiny": {}, "swin3d_tiny": {}, "resnet3d_i3d": {"layers": (1, 1, 1, 1), "base_width": 4}}
+    for name, overrides in small.items():
+        encoder = fm3d.create_encoder(name, **overrides).eval()
+        family = encoder_family(encoder)
+        with torch.no_grad():
+            width = encoder(torch.zeros(1, 1, 64, 64, 64)).pooled.shape[1]
+        assert family.width(encoder.config) == encoder.embed_dim == width, name
+    assert encoder_family(torch.nn.Linear(2, 2)) is None
+
+
+def test_unknown_family_lists_the_known_ones():
+    with pytest.raises(EncoderConfigError, match=r"'vit3e'.*mean 'vit3d'.*resnet3d_i3d, swin3d, vit3d"):
+        get_family("vit3e")
 
 
 @pytest.mark.parametrize(
@@ -29,7 +56,7 @@ def test_vit_sizes(name, dim, depth, heads):
     # Built on the meta device: full size, no memory.
     with torch.device("meta"):
         enc = fm3d.create_encoder(name)
-    assert enc.embed_dim == dim and enc.config.num_heads == heads and enc.num_layers == depth
+    assert enc.embed_dim == dim and enc.config.num_heads == heads and enc.config.depth == depth
     assert len(enc.blocks) == depth and enc.blocks[0].attn.head_dim == 64
     assert enc.config.patch_size == (16, 16, 16) and enc.config.img_size == (96, 96, 96)
 

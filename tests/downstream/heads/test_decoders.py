@@ -1,4 +1,5 @@
-"""Segmentation decoders reproduce MONAI's UNETR and SwinUNETR exactly when given their weights."""
+"""Segmentation decoders reproduce MONAI's UNETR and SwinUNETR exactly when given their weights;
+the registry picks the encoder family's declared decoder or the one the task names."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import torch
 from monai.networks.nets import UNETR, SwinUNETR
 
 import fm3d
-from downstream.tasks.decoders import (
+from downstream.heads import decoders
+from downstream.heads.decoders import (
     DecoderConfigError,
     SwinUNETRDecoder,
     UNETRDecoder,
     build_decoder,
+    register_decoder,
     unetr_hidden_layers,
     upsampling_strides,
 )
@@ -80,3 +83,48 @@ def test_geometry_helpers() -> None:
     assert unetr_hidden_layers(depth=4, levels=3) == [1, 2]
     with pytest.raises(DecoderConfigError, match="power-of-two"):
         upsampling_strides((6, 16, 16))
+
+
+class PooledConv(torch.nn.Module):
+    """A test decoder: a 1x1x1 convolution of the input, offset by a projection of the pooled embedding."""
+
+    hidden_layers = ()
+
+    def __init__(self, width: int, num_classes: int) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, num_classes, 1)
+        self.pooled = torch.nn.Linear(width, num_classes)
+
+    def forward(self, image: torch.Tensor, features: EncoderOutput) -> torch.Tensor:
+        return self.conv(image) + self.pooled(features.pooled)[:, :, None, None, None]
+
+
+def test_a_registered_decoder_is_picked_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(decoders, "_DECODERS", dict(decoders._DECODERS))
+    register_decoder("pooled_conv")(
+        lambda encoder, num_classes, feature_size: PooledConv(encoder.embed_dim, num_classes)
+    )
+    assert {"pooled_conv", "swin_unetr", "unetr"} <= set(decoders.list_decoders())
+    encoder = fm3d.create_encoder("vit3d_tiny", embed_dim=32, depth=2, num_heads=2, patch_size=8, img_size=16)
+    default, _ = build_decoder(encoder, num_classes=2)
+    assert isinstance(default, UNETRDecoder)  # vit3d declares unetr
+    decoder, hidden_layers = build_decoder(encoder, num_classes=2, name="pooled_conv")
+    x = torch.randn(2, 1, 16, 16, 16)
+    assert isinstance(decoder, PooledConv) and hidden_layers == []
+    assert decoder(x, encoder(x, hidden_layers=hidden_layers)).shape == (2, 2, 16, 16, 16)
+
+
+def test_decoder_choice_errors_name_the_way_out() -> None:
+    resnet = fm3d.create_encoder("resnet3d_i3d", layers=(1, 1, 1, 1), base_width=4)
+    with pytest.raises(
+        DecoderConfigError,
+        match=r"'resnet3d_i3d' declares no segmentation decoder; families with one: swin3d \(swin_unetr\), "
+        r"vit3d \(unetr\).*model.decoder",
+    ):
+        build_decoder(resnet, num_classes=2)
+    with pytest.raises(DecoderConfigError, match=r"unknown segmentation decoder 'unet'.*'unetr'"):
+        build_decoder(resnet, num_classes=2, name="unet")
+    with pytest.raises(DecoderConfigError, match=r"unetr decoder needs .*patch_size.*ResNet3DI3D"):
+        build_decoder(resnet, num_classes=2, name="unetr")
+    with pytest.raises(DecoderConfigError, match="already registered"):
+        register_decoder("unetr")(lambda encoder, num_classes, feature_size: None)

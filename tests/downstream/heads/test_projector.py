@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fm3d
-from downstream.tasks.projector import (
+from downstream.heads.projector import (
     PerceiverResampler,
     ProjectorConfig,
     ProjectorConfigError,

@@ -23,8 +23,8 @@ from monai.networks.nets import SwinUNETR
 from torch import nn
 
 from fm3d.models.config import EncoderConfigError, EncoderInputError, Swin3DConfig
-from fm3d.models.encoder import EncoderOutput
-from fm3d.models.registry import register_encoder
+from fm3d.models.encoder import EncoderFamily, EncoderOutput
+from fm3d.models.registry import register_encoder, register_family
 
 NUM_SKIPS = 5
 _STAGE_PARAM = re.compile(r"^swinViT\.layers(\d)")
@@ -41,8 +41,7 @@ class Swin3D(nn.Module):
     def __init__(self, config: Swin3DConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_dim = 16 * config.feature_size
-        self.num_layers = len(config.depths)
+        self.embed_dim = SWIN3D.width(config)
         # Build MONAI's network and keep its encoder modules, so names and init are MONAI's own.
         full = SwinUNETR(
             in_channels=config.in_chans,
@@ -70,15 +69,6 @@ class Swin3D(nn.Module):
         self.encoder4 = full.encoder4
         self.encoder10 = full.encoder10
         self._divisor = config.patch_size * 2 ** len(config.depths)
-
-    def layer_id(self, param_name: str) -> int:
-        """Depth for layer-wise LR decay: 0 patch embedding, k for Swin stage k, stages+1 conv blocks."""
-        match = _STAGE_PARAM.match(param_name)
-        if match:
-            return int(match.group(1))
-        if param_name.startswith("swinViT."):
-            return 0
-        return self.num_layers + 1
 
     def forward(self, x: torch.Tensor, hidden_layers: Any = None) -> EncoderOutput:
         """Encode x [B, C_in, D, H, W]; `hidden_layers` picks skip maps 0..4 (see the module docstring)."""
@@ -110,6 +100,31 @@ class Swin3D(nn.Module):
             hidden=[computed[i][0] for i in wanted],
             hidden_grids=[computed[i][1] for i in wanted],
         )
+
+
+def swin_layer_id(param_name: str, depth: int) -> int:
+    """The layer of a parameter for layer-wise LR decay: 0 patch embedding, k for Swin stage k,
+    depth + 1 for the convolutional blocks that follow the stages."""
+    match = _STAGE_PARAM.match(param_name)
+    if match:
+        return int(match.group(1))
+    if param_name.startswith("swinViT."):
+        return 0
+    return depth + 1
+
+
+# MONAI's Swin blocks call their MLP projections linear1/linear2; the patch embedding's `proj`
+# is a convolution, which the dotted "attn.proj" leaves alone.
+SWIN3D = register_family(
+    EncoderFamily(
+        config_class=Swin3DConfig,
+        width=lambda config: 16 * config.feature_size,
+        depth=lambda config: len(config.depths),
+        layer_id=swin_layer_id,
+        lora_targets=("attn.qkv", "attn.proj", "mlp.linear1", "mlp.linear2"),
+        decoder="swin_unetr",
+    )
+)
 
 
 def _sized(name: str, feature_size: int) -> None:

@@ -85,7 +85,7 @@ class SpatialPoolProjector(nn.Module):
         """[B, N, C] tokens on `grid` -> [B, prod(pool_grid), out_dim]."""
         b, n, c = tokens.shape
         if math.prod(grid) != n:
-            raise ValueError(f"{n} tokens do not fill the grid {tuple(grid)}")
+            raise ProjectorConfigError(f"{n} tokens do not fill the grid {tuple(grid)}")
         volume = tokens.transpose(1, 2).reshape(b, c, *grid)  # [B, C, d, h, w]
         pooled = self.pool(volume).flatten(2).transpose(1, 2)  # [B, d'h'w', C]
         return self.mlp(pooled)

@@ -1,4 +1,4 @@
-"""Segmentation decoders over an fm3d encoder's hidden states, built from MONAI's UNETR pieces.
+"""Segmentation decoders over an fm3d encoder's hidden states, and the registry that picks one.
 
 - `UNETRDecoder` (ViT encoders): MONAI UNETR's decoder generalised to any depth and patch size.
   A patch of 2^L voxels needs L upsampling levels; the skips are the input itself
@@ -8,11 +8,16 @@
   coarse to fine and `UnetOutBlock` gives the class logits.
 - `SwinUNETRDecoder` (swin encoders): MONAI SwinUNETR's decoder (decoder5..1 + out) over the
   skip maps the swin encoder returns as `hidden` (finest first) and its final tokens.
+
+Both are registered by name (`register_decoder("unetr")`, `"swin_unetr"`); `build_decoder`
+takes the one the encoder's family declares (`EncoderFamily.decoder`) unless the task names
+another, so a new decoder is a builder function here or in any imported module.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
@@ -20,10 +25,15 @@ from torch import nn
 
 from fm3d.errors import Fm3dError
 from fm3d.models.encoder import EncoderOutput
+from fm3d.models.registry import encoder_family, get_family, list_families
+
+DecoderBuilder = Callable[[nn.Module, int, int], nn.Module]
+_DECODERS: dict[str, DecoderBuilder] = {}
 
 
 class DecoderConfigError(Fm3dError, ValueError):
-    """An encoder whose geometry the decoder cannot follow (e.g. a patch size that is not 2^k)."""
+    """A decoder that cannot be chosen or built: unknown name, no default for the encoder's family,
+    or an encoder whose geometry it cannot follow (e.g. a patch size that is not 2^k)."""
 
 
 def tokens_to_map(tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
@@ -185,25 +195,77 @@ class SwinUNETRDecoder(nn.Module):
         return self.out(self.decoder1(x, enc0))
 
 
+def register_decoder(name: str) -> Callable[[DecoderBuilder], DecoderBuilder]:
+    """Register `builder(encoder, num_classes, feature_size) -> decoder` under `name` (a decorator).
+
+    The decoder is an `nn.Module` with `forward(image, features) -> logits [B, K, D, H, W]` and a
+    `hidden_layers` attribute: the encoder layers it needs in `features.hidden`. An encoder
+    family names its default decoder in its declaration (`EncoderFamily.decoder`).
+    """
+
+    def decorator(builder: DecoderBuilder) -> DecoderBuilder:
+        existing = _DECODERS.get(name)
+        if existing is not None and existing is not builder:
+            owner = f"{existing.__module__}.{existing.__qualname__}"
+            raise DecoderConfigError(f"decoder name {name!r} is already registered by {owner}")
+        _DECODERS[name] = builder
+        return builder
+
+    return decorator
+
+
+def list_decoders() -> list[str]:
+    """The registered decoder names, sorted."""
+    return sorted(_DECODERS)
+
+
+def _family_defaults() -> str:
+    """ "family (decoder)" for every encoder family that declares a default decoder."""
+    declared = [get_family(name) for name in list_families()]
+    return ", ".join(f"{f.name} ({f.decoder})" for f in declared if f.decoder) or "none"
+
+
 def build_decoder(
-    encoder: nn.Module, num_classes: int, feature_size: int = 16
+    encoder: nn.Module, num_classes: int, feature_size: int = 16, name: str | None = None
 ) -> tuple[nn.Module, list[int]]:
-    """The decoder matching `encoder`'s family, and the hidden layers to request from it."""
-    config = encoder.config
-    family = type(config).family
-    if family == "vit3d":
-        decoder = UNETRDecoder(
-            config.embed_dim,
-            config.depth,
-            tuple(config.patch_size),
-            num_classes,
-            feature_size,
-            config.in_chans,
-        )
-        return decoder, decoder.hidden_layers
-    if family == "swin3d":
-        decoder = SwinUNETRDecoder(config.feature_size, num_classes)
-        return decoder, list(decoder.hidden_layers)
-    raise DecoderConfigError(
-        f"no segmentation decoder for encoder family {family!r}; segmentation supports vit3d_* and swin3d_*"
+    """The decoder `name` (default: the one `encoder`'s family declares) and the hidden layers it needs."""
+    family = encoder_family(encoder)
+    if name is None:
+        if family is None or family.decoder is None:
+            described = f"encoder family {family.name!r}" if family else type(encoder).__name__
+            raise DecoderConfigError(
+                f"{described} declares no segmentation decoder; families with one: {_family_defaults()}. "
+                f"Use one of those encoders, or set model.decoder to one of {list_decoders()}"
+            )
+        name = family.decoder
+    if name not in _DECODERS:
+        raise DecoderConfigError(f"unknown segmentation decoder {name!r}; registered: {list_decoders()}")
+    decoder = _DECODERS[name](encoder, num_classes, feature_size)
+    return decoder, list(decoder.hidden_layers)
+
+
+def _refuse(decoder: str, encoder: nn.Module, needs: str) -> DecoderConfigError:
+    return DecoderConfigError(
+        f"the {decoder} decoder needs {needs}, which {type(encoder).__name__} has not; families that "
+        f"default to a decoder: {_family_defaults()}"
     )
+
+
+@register_decoder("unetr")
+def unetr(encoder: nn.Module, num_classes: int, feature_size: int) -> UNETRDecoder:
+    """UNETR over a plain ViT: hidden states at depth/levels multiples and the final tokens."""
+    family, config = encoder_family(encoder), encoder.config
+    patch = getattr(config, "patch_size", None)
+    if family is None or not isinstance(patch, tuple) or len(patch) != 3:
+        raise _refuse("unetr", encoder, "an encoder family's depth and a (D, H, W) patch_size")
+    return UNETRDecoder(
+        encoder.embed_dim, family.depth(config), patch, num_classes, feature_size, config.in_chans
+    )
+
+
+@register_decoder("swin_unetr")
+def swin_unetr(encoder: nn.Module, num_classes: int, feature_size: int) -> SwinUNETRDecoder:
+    """SwinUNETR's decoder at the encoder's own `feature_size` (the task's is not used)."""
+    if not isinstance(getattr(encoder.config, "feature_size", None), int):
+        raise _refuse("swin_unetr", encoder, "a Swin feature_size in its config")
+    return SwinUNETRDecoder(encoder.config.feature_size, num_classes)

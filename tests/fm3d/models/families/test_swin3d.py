@@ -8,6 +8,7 @@ from monai.networks.nets import SwinUNETR
 
 import fm3d
 from fm3d.models.config import EncoderInputError
+from fm3d.models.registry import encoder_family
 
 
 def test_matches_monai_swinunetr_encoder_path():
@@ -43,13 +44,14 @@ def test_matches_monai_swinunetr_encoder_path():
 def test_keeps_monai_module_names():
     # swin3d_base differs only in feature_size (48); building it costs ~10 s, so names are checked on tiny.
     tiny = fm3d.create_encoder("swin3d_tiny")
-    assert tiny.config.use_v2 and tiny.num_layers == 4
+    family = encoder_family(tiny)
+    assert tiny.config.use_v2 and family.depth(tiny.config) == 4
     names = {name.split(".")[0] for name, _ in tiny.named_parameters()}
     assert names == {"swinViT", "encoder1", "encoder2", "encoder3", "encoder4", "encoder10"}
     assert any(name.startswith("swinViT.layers1c.") for name, _ in tiny.named_parameters())  # v2 blocks
-    assert tiny.layer_id("swinViT.patch_embed.proj.weight") == 0
-    assert tiny.layer_id("swinViT.layers3.0.blocks.0.attn.qkv.weight") == 3
-    assert tiny.layer_id("encoder10.layer.conv1.conv.weight") == 5
+    assert family.layer_id("swinViT.patch_embed.proj.weight", 4) == 0
+    assert family.layer_id("swinViT.layers3.0.blocks.0.attn.qkv.weight", 4) == 3
+    assert family.layer_id("encoder10.layer.conv1.conv.weight", 4) == 5
 
 
 def test_input_not_divisible_by_32_is_a_clear_error():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,7 @@ from monai.networks.blocks.pos_embed_utils import build_sincos_position_embeddin
 import fm3d
 from fm3d.models.config import EncoderConfigError, EncoderInputError
 from fm3d.models.pos_embed import resize_pos_embed, sincos_pos_embed_3d
+from fm3d.models.registry import encoder_family
 
 
 @pytest.fixture(scope="module")
@@ -161,9 +164,12 @@ def test_parameter_names_and_layer_ids():
         "norm.weight",
     } <= names
     assert enc.blocks[0].attn.qkv.weight.shape == (3 * 192, 192)
-    assert enc.layer_id("pos_embed") == 0 and enc.layer_id("patch_embed.proj.weight") == 0
-    assert enc.layer_id("blocks.1.mlp.fc1.weight") == 2
-    assert enc.layer_id("norm.bias") == 3 and enc.num_layers == 2
+    family = encoder_family(enc)
+    layer_id = functools.partial(family.layer_id, depth=family.depth(enc.config))
+    assert family.depth(enc.config) == 2 and family.width(enc.config) == enc.embed_dim == 192
+    assert layer_id("pos_embed") == 0 and layer_id("patch_embed.proj.weight") == 0
+    assert layer_id("blocks.1.mlp.fc1.weight") == 2
+    assert layer_id("norm.bias") == 3
 
 
 def test_gelu_is_exact():

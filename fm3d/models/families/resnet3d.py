@@ -25,8 +25,8 @@ from torch.utils.checkpoint import checkpoint
 
 from fm3d.models.config import EncoderConfig, EncoderConfigError, EncoderInputError
 from fm3d.models.config_checks import check_budget
-from fm3d.models.encoder import EncoderOutput
-from fm3d.models.registry import register_encoder
+from fm3d.models.encoder import EncoderFamily, EncoderOutput
+from fm3d.models.registry import register_encoder, register_family
 
 # Bottleneck output channels are 4x the block width, as in torchvision's ResNet-50/101/152.
 EXPANSION = 4
@@ -117,7 +117,7 @@ class ResNet3DI3D(nn.Module):
     def __init__(self, config: ResNet3DI3DConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_dim = config.embed_dim
+        self.embed_dim = RESNET3D_I3D.width(config)
         width = config.base_width
         self.conv1 = nn.Conv3d(
             config.in_chans, width, kernel_size=(3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3), bias=False
@@ -184,6 +184,17 @@ class ResNet3DI3D(nn.Module):
             hidden=[kept[i].flatten(2).transpose(1, 2) for i in wanted],
             hidden_grids=[tuple(kept[i].shape[2:]) for i in wanted],
         )
+
+
+# No layer ids (its stages are not numbered for layer-wise decay), no Linear layers for LoRA and
+# no segmentation decoder: the family is used as a frozen or fully fine-tuned feature extractor.
+RESNET3D_I3D = register_family(
+    EncoderFamily(
+        config_class=ResNet3DI3DConfig,
+        width=lambda config: config.embed_dim,
+        depth=lambda config: len(config.layers),
+    )
+)
 
 
 @register_encoder("resnet3d_i3d")

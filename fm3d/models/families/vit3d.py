@@ -18,10 +18,10 @@ from torch.utils.checkpoint import checkpoint
 
 from fm3d.models.block import Block
 from fm3d.models.config import EncoderConfigError, ViT3DConfig
-from fm3d.models.encoder import EncoderOutput
+from fm3d.models.encoder import EncoderFamily, EncoderOutput
 from fm3d.models.patch_embed import PatchEmbed3d
 from fm3d.models.pos_embed import resize_pos_embed, sincos_pos_embed_3d
-from fm3d.models.registry import register_encoder
+from fm3d.models.registry import register_encoder, register_family
 
 _BLOCK_PARAM = re.compile(r"^blocks\.(\d+)\.")
 
@@ -32,9 +32,7 @@ class ViT3D(nn.Module):
     def __init__(self, config: ViT3DConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_dim = config.embed_dim
-        self.num_layers = config.depth
-        dim = config.embed_dim
+        self.embed_dim = dim = VIT3D.width(config)
         self.patch_embed = PatchEmbed3d(config.in_chans, dim, config.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if config.cls_token else None
         n_patches = config.grid[0] * config.grid[1] * config.grid[2]
@@ -76,25 +74,16 @@ class ViT3D(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
 
-    def layer_id(self, param_name: str) -> int:
-        """The depth of a parameter for layer-wise LR decay: 0 embeddings, i+1 for blocks.i, depth+1 norm."""
-        match = _BLOCK_PARAM.match(param_name)
-        if match:
-            return int(match.group(1)) + 1
-        if param_name.startswith("norm."):
-            return self.num_layers + 1
-        return 0
-
     def _hidden_indices(self, hidden_layers: Any) -> list[int]:
         requested = self.config.hidden_layers if hidden_layers is None else hidden_layers
         indices = []
+        depth = self.config.depth
         for index in requested:
-            if not -self.num_layers <= index < self.num_layers:
+            if not -depth <= index < depth:
                 raise EncoderConfigError(
-                    f"hidden layer {index} is out of range for {self.config.name} "
-                    f"with {self.num_layers} blocks."
+                    f"hidden layer {index} is out of range for {self.config.name} with {depth} blocks."
                 )
-            indices.append(index % self.num_layers)
+            indices.append(index % depth)
         return indices
 
     def forward(self, x: torch.Tensor, hidden_layers: Any = None) -> EncoderOutput:
@@ -128,6 +117,28 @@ class ViT3D(nn.Module):
             hidden=[kept[i] for i in wanted],
             hidden_grids=[grid] * len(wanted),
         )
+
+
+def vit_layer_id(param_name: str, depth: int) -> int:
+    """The layer of a parameter for layer-wise LR decay: 0 embeddings, i+1 for blocks.i, depth+1 norm."""
+    match = _BLOCK_PARAM.match(param_name)
+    if match:
+        return int(match.group(1)) + 1
+    if param_name.startswith("norm."):
+        return depth + 1
+    return 0
+
+
+VIT3D = register_family(
+    EncoderFamily(
+        config_class=ViT3DConfig,
+        width=lambda config: config.embed_dim,
+        depth=lambda config: config.depth,
+        layer_id=vit_layer_id,
+        lora_targets=("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"),
+        decoder="unetr",
+    )
+)
 
 
 def _sized(name: str, embed_dim: int, depth: int, num_heads: int) -> None:
