@@ -19,7 +19,7 @@ from downstream.strategies import (
 )
 from downstream.tasks.classification import ClassificationTask
 
-TINY = {"embed_dim": 32, "depth": 3, "num_heads": 2, "patch_size": 8, "img_size": (16, 16, 16)}
+TINY = {"embed_dim": 32, "depth": 3, "num_heads": 2, "patch_size": 8, "image_size": (16, 16, 16)}
 
 
 def _batches(n: int = 4) -> list[dict]:
