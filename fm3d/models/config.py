@@ -64,8 +64,8 @@ class EncoderConfig:
     hu_window: tuple[float, float] = (-1000.0, 1000.0)
     intensity_range: tuple[float, float] = (0.0, 1.0)
     axis_order: AxisOrder = "zyx"
-    # The crop (D, H, W) in voxels the weights were trained on; None: any size the encoder's
-    # patching divides.
+    # The crop in voxels the weights were trained on, in the encoder's input axes (axis_order:
+    # (D, H, W) for "zyx"); None: any size the encoder's patching divides.
     image_size: tuple[int, int, int] | None = None
     # Indices of the hidden states `forward` returns when called without `hidden_layers`.
     hidden_layers: tuple[int, ...] = ()
