@@ -5,7 +5,7 @@ embedding of 16^3) on one volume [1, 1, 160, 224, 224] = 10 x 14 x 14 = 1,960 pa
 (fm3d adds a cls token: 1,961), loss = mean of the output tokens, gradients set to None
 between steps as `zero_grad(set_to_none=True)` does. Candidates:
 
-  fm3d           `fm3d.create_encoder("vit3d_base", img_size=(160, 224, 224))` (SDPA attention);
+  fm3d           `fm3d.create_encoder("vit3d_base", image_size=(160, 224, 224))` (SDPA attention);
   fm3d + ckpt    the same with `grad_checkpointing=True` (each block recomputed in backward);
   MONAI          `monai.networks.nets.ViT` with the same sizes and qkv bias (einsum attention);
   MONAI flash    the same with `use_flash_attention=True` on every block (SDPA attention).
@@ -53,9 +53,9 @@ from _common import (
     run_child,
 )
 
-FULL = {"img_size": (160, 224, 224), "depth": 12, "embed_dim": 768, "heads": 12}
+FULL = {"image_size": (160, 224, 224), "depth": 12, "embed_dim": 768, "heads": 12}
 # The smoke run keeps every code path but shrinks the work to seconds: ViT-Tiny width, 2 blocks.
-QUICK = {"img_size": (32, 64, 64), "depth": 2, "embed_dim": 192, "heads": 3}
+QUICK = {"image_size": (32, 64, 64), "depth": 2, "embed_dim": 192, "heads": 3}
 CANDIDATES = {
     "fm3d": {"impl": "fm3d", "attention": "SDPA (fm3d entry point)", "ckpt": False},
     "fm3d + ckpt": {"impl": "fm3d", "attention": "SDPA (fm3d entry point)", "ckpt": True},
@@ -82,13 +82,13 @@ def training_flops(
     return 3 * depth * per_block_forward + patch_embed
 
 
-def _build(impl: str, ckpt: bool, img_size: tuple[int, int, int], depth: int, embed_dim: int, heads: int):
+def _build(impl: str, ckpt: bool, image_size: tuple[int, int, int], depth: int, embed_dim: int, heads: int):
     """The model and a loss function of its output, for one candidate."""
     if impl == "fm3d":
         import fm3d
 
         model = fm3d.create_encoder(
-            "vit3d_base", img_size=img_size, patch_size=PATCH, depth=depth, embed_dim=embed_dim,
+            "vit3d_base", image_size=image_size, patch_size=PATCH, depth=depth, embed_dim=embed_dim,
             num_heads=heads, grad_checkpointing=ckpt,
         )  # fmt: skip
         return model, lambda out: out.tokens.mean()
@@ -96,7 +96,7 @@ def _build(impl: str, ckpt: bool, img_size: tuple[int, int, int], depth: int, em
 
     model = ViT(
         in_channels=1,
-        img_size=img_size,
+        img_size=image_size,
         patch_size=PATCH,
         hidden_size=embed_dim,
         mlp_dim=int(embed_dim * MLP_RATIO),
@@ -121,10 +121,10 @@ def run_case(case: dict) -> dict:
     limit_before = max(matmul_gflops(case["limit_n"], seconds=case["limit_seconds"]))
     started = time.perf_counter()
     model, loss_of = _build(
-        case["impl"], case["ckpt"], tuple(case["img_size"]), case["depth"], case["embed_dim"], case["heads"]
+        case["impl"], case["ckpt"], tuple(case["image_size"]), case["depth"], case["embed_dim"], case["heads"]
     )
     model.train()
-    x = torch.randn(1, 1, *case["img_size"])
+    x = torch.randn(1, 1, *case["image_size"])
     build_seconds = time.perf_counter() - started
     baseline = peak_rss_self_mib()
 
@@ -153,8 +153,8 @@ def _fmt_mib(value: float) -> str:
 def run(args: argparse.Namespace) -> str:
     """All rounds, candidates interleaved; returns the markdown table and notes."""
     sizes = QUICK if args.quick else FULL
-    img_size, depth, embed_dim = sizes["img_size"], sizes["depth"], sizes["embed_dim"]
-    grid = tuple(s // PATCH for s in img_size)
+    image_size, depth, embed_dim = sizes["image_size"], sizes["depth"], sizes["embed_dim"]
+    grid = tuple(s // PATCH for s in image_size)
     patches = grid[0] * grid[1] * grid[2]
     flops = training_flops(
         embed_dim=embed_dim, depth=depth, mlp_ratio=MLP_RATIO, tokens=patches + 1,
@@ -221,7 +221,7 @@ def run(args: argparse.Namespace) -> str:
         (False, False, False, True, True, True, True, True, True, True, True, True),
     )  # fmt: skip
     notes = (
-        f"Input [1, 1, {', '.join(map(str, img_size))}], patch {PATCH}, {patches:,} patch tokens, "
+        f"Input [1, 1, {', '.join(map(str, image_size))}], patch {PATCH}, {patches:,} patch tokens, "
         f"hidden {embed_dim}, {depth} blocks, fp32, {args.threads} torch threads, forward + backward, "
         f"{args.warmup} warm-up + {args.steps} timed step(s) per process, {args.rounds} round(s). "
         f"Model FLOPs per step {flops / 1e12:.4f} TFLOP (formula in benchmarks/encoder_step.py). "

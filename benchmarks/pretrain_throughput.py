@@ -107,7 +107,7 @@ def run_case(
     from pretrain.optim import OptimizerSettings, build_optimizer
 
     torch.manual_seed(0)
-    overrides = {"img_size": list(IMAGE), "patch_size": [16, 16, 16]}
+    overrides = {"image_size": list(IMAGE), "patch_size": [16, 16, 16]}
     if not objectives:
         module = fm3d.create_encoder(encoder, **overrides)
 

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         encoder = "vit3d_tiny"
-        overrides = {"img_size": [32, 64, 64], "patch_size": [8, 8, 8]}
+        overrides = {"image_size": [32, 64, 64], "patch_size": [8, 8, 8]}
         for name, family, hidden, layers, heads in lms:
             path = init_causal_lm(
                 Path(tmp) / name.replace(" ", "_"), texts, family=family, vocab_size=2000, hidden_size=hidden,

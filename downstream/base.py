@@ -57,7 +57,7 @@ class TaskConfigError(Fm3dError, ValueError):
 def resolve_encoder(encoder: str | Path | nn.Module, overrides: dict[str, Any] | None = None) -> nn.Module:
     """An fm3d encoder from a module, an export folder / .ckpt path, or a registry name.
 
-    `overrides` (e.g. `{"img_size": [32, 64, 64]}`) apply only to a freshly created encoder:
+    `overrides` (e.g. `{"image_size": [32, 64, 64]}`) apply only to a freshly created encoder:
     a saved encoder keeps the configuration it was trained with.
     """
     if isinstance(encoder, nn.Module):
@@ -128,7 +128,7 @@ class DownstreamTask(L.LightningModule):
         lr: learning rate of the head (and of the last encoder layer's neighbours under LLRD).
         weight_decay: AdamW weight decay (not applied to biases, norms and embeddings).
         warmup_steps: linear warm-up steps before the cosine decay.
-        encoder_overrides: config overrides for a freshly created encoder (e.g. img_size).
+        encoder_overrides: config overrides for a freshly created encoder (e.g. image_size).
     """
 
     task_name: ClassVar[str] = ""

@@ -24,7 +24,7 @@ from torch import nn
 
 from fm3d.atomic import atomic_folder, write_text_atomic
 from fm3d.errors import Fm3dError
-from fm3d.io import check_finite, read_safetensors, save_safetensors
+from fm3d.models.weights import check_finite, read_safetensors, save_safetensors
 from fm3d.text import TextTower
 
 LOSSES = ("infonce", "siglip")

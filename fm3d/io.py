@@ -8,7 +8,6 @@ VoCo/SwinUNETR, M3D-CLIP, Merlin) are handed to `fm3d.models.adapters.load_peer_
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import pickle
@@ -18,14 +17,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fm3d.atomic import atomic_path, write_text_atomic
-from fm3d.errors import Fm3dError, PathError
-from fm3d.models.config import EncoderConfigError
+from fm3d.atomic import write_text_atomic
+from fm3d.errors import PathError
+from fm3d.models.adapters import load_peer_encoder
+from fm3d.models.config import EncoderConfigError, upgrade_stored_config
 from fm3d.models.registry import encoder_from_config
+from fm3d.models.weights import (
+    EncoderLoadError,
+    check_finite,
+    listed,
+    read_safetensors,
+    save_safetensors,
+    unreadable_weights,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +42,6 @@ CKPT_PREFIX = "encoder."
 # Written by fine-tuning runs whose encoder carries adapters (LoRA): the encoder's weights with
 # the adapters merged, under its own parameter names, so loading needs no peft.
 CKPT_MERGED_KEY = "fm3d_encoder_state_dict"
-
-
-class EncoderLoadError(Fm3dError, RuntimeError):
-    """An encoder file or folder that cannot be read or does not match its config."""
 
 
 class UnsafeCheckpointError(EncoderLoadError):
@@ -67,14 +69,6 @@ def unreadable_checkpoint(path: str | Path, error: Exception) -> CheckpointReadE
     )
 
 
-def save_safetensors(
-    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
-) -> None:
-    """Write tensors as .safetensors atomically (a killed save leaves the previous file whole)."""
-    with atomic_path(path) as temp:
-        save_file(tensors, temp, metadata=metadata)
-
-
 def save_encoder(encoder: nn.Module, directory: str | Path) -> Path:
     """Write `encoder` to `directory` as config.json (family, sizes, preprocessing) + model.safetensors.
 
@@ -91,32 +85,13 @@ def save_encoder(encoder: nn.Module, directory: str | Path) -> Path:
     return directory
 
 
-def _listed(names: list[str], limit: int = 12) -> str:
-    return ", ".join(names[:limit]) + (f" ... and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def check_finite(state: dict[str, torch.Tensor], source: Path) -> None:
-    """Refuse weights holding NaN or infinity: an encoder built from them returns NaN for every input."""
-    bad = {
-        name: int((~torch.isfinite(tensor)).sum())
-        for name, tensor in state.items()
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
-    }
-    if bad:
-        counts = [f"{name} ({count} values)" for name, count in bad.items()]
-        raise EncoderLoadError(
-            f"{source}: {len(bad)} tensor(s) hold NaN or infinite values: {_listed(counts)}. The weights "
-            "come from a diverged run or a damaged file; export them again from a healthy checkpoint."
-        )
-
-
 def _load_strict(encoder: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
     """Load `state` only when its names and shapes are exactly the encoder's, and its values finite."""
     expected = {name: tuple(tensor.shape) for name, tensor in encoder.state_dict().items()}
     not_tensors = [name for name, value in state.items() if not isinstance(value, torch.Tensor)]
     if not_tensors:
         raise EncoderLoadError(
-            f"{source}: entries [{_listed(not_tensors)}] are not tensors; the file is not a saved state dict."
+            f"{source}: entries [{listed(not_tensors)}] are not tensors; the file is not a saved state dict."
         )
     missing = [name for name in expected if name not in state]
     unexpected = [name for name in state if name not in expected]
@@ -128,8 +103,8 @@ def _load_strict(encoder: nn.Module, state: dict[str, torch.Tensor], source: Pat
     if missing or unexpected or wrong:
         raise EncoderLoadError(
             f"{source}: weights do not match the {encoder.config.name} config. "
-            f"Missing: [{_listed(missing)}]; unexpected: [{_listed(unexpected)}]; "
-            f"wrong shapes: [{_listed(wrong)}]. The config and the weights come from different models; "
+            f"Missing: [{listed(missing)}]; unexpected: [{listed(unexpected)}]; "
+            f"wrong shapes: [{listed(wrong)}]. The config and the weights come from different models; "
             "export the encoder again (or fix its config.json)."
         )
     check_finite(state, source)
@@ -137,33 +112,18 @@ def _load_strict(encoder: nn.Module, state: dict[str, torch.Tensor], source: Pat
 
 
 def _build(config: dict[str, Any], source: Path) -> nn.Module:
-    """The encoder a stored config describes; a config error names the file it came from."""
+    """The encoder a stored config describes (renamed keys mapped); a config error names the file."""
     try:
-        return encoder_from_config(config)
+        return encoder_from_config(upgrade_stored_config(config))
     except EncoderConfigError as error:
         raise EncoderLoadError(f"{source}: {error}") from error
-
-
-def _unreadable(path: Path, error: Exception) -> EncoderLoadError:
-    return EncoderLoadError(
-        f"{path} could not be read: {error}. The file is truncated or corrupt (an interrupted download "
-        "or copy?), or not a PyTorch/safetensors file; download or save it again."
-    )
-
-
-def read_safetensors(path: Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """The tensors of a .safetensors file; a truncated or corrupt file is an EncoderLoadError naming it."""
-    try:
-        return load_file(path, device=str(map_location))
-    except SafetensorError as error:
-        raise _unreadable(path, error) from error
 
 
 def _torch_load(path: Path, trust_pickle: bool, map_location: str | torch.device) -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError) as error:  # torch's reader on a truncated or corrupt file
-        raise _unreadable(path, error) from error
+        raise unreadable_weights(path, error) from error
     except pickle.UnpicklingError as error:
         if not trust_pickle:
             found = re.search(r"GLOBAL (\S+)", str(error))
@@ -224,24 +184,6 @@ def _load_lightning(checkpoint: dict[str, Any], path: Path) -> nn.Module:
     return encoder
 
 
-def _load_peer(path: Path, format: str, state_dict: Any) -> nn.Module:
-    try:
-        adapters = importlib.import_module("fm3d.models.adapters")
-    except ModuleNotFoundError as error:
-        if error.name != "fm3d.models.adapters":
-            raise
-        raise EncoderLoadError(
-            f"{path} is not an fm3d encoder (no {CONFIG_FILE}, no '{CKPT_CONFIG_KEY}'), and the peer-weight "
-            "adapters (fm3d.models.adapters) are not part of this installation."
-        ) from error
-    load_peer_encoder = getattr(adapters, "load_peer_encoder", None)
-    if load_peer_encoder is None:
-        raise EncoderLoadError(
-            f"{path} is not an fm3d encoder, and fm3d.models.adapters has no load_peer_encoder yet."
-        )
-    return load_peer_encoder(path, format=format, state_dict=state_dict)
-
-
 def load_encoder(
     path: str | Path,
     *,
@@ -251,8 +193,10 @@ def load_encoder(
 ) -> nn.Module:
     """Load an encoder from an fm3d folder, an fm3d Lightning `.ckpt`, or a peer's published weights.
 
-    format: "auto" (detect), "fm3d" (export folder), "lightning" (fm3d `.ckpt`), or a peer
-    format that `fm3d.models.adapters` knows ("monai_vit", "m3d_clip", "voco", "merlin").
+    format: "auto" (detect), "fm3d" (export folder), "lightning" (fm3d `.ckpt`), or a registered
+    peer format (`fm3d.models.adapters.peer_formats()`: "monai_vit", "m3d_clip", "voco", "merlin").
+    The encoder's `config.input_spec` says what its input must look like;
+    `fm3d.preprocessing(encoder)` turns a volume into it.
     """
     path = Path(path)
     if not path.exists():
@@ -265,7 +209,7 @@ def load_encoder(
             raise EncoderLoadError(
                 f"{path} has no fm3d {CONFIG_FILE} (one with a 'family' key); it is not an fm3d export."
             )
-        return _load_peer(path, format, None)
+        return load_peer_encoder(path, format=format, state_dict=None)
     if format == "fm3d":
         raise EncoderLoadError(f"{path} is a file; format='fm3d' expects an export folder.")
     if path.suffix == ".safetensors":
@@ -275,4 +219,4 @@ def load_encoder(
     is_fm3d_ckpt = isinstance(content, dict) and CKPT_CONFIG_KEY in content
     if format == "lightning" or (format == "auto" and is_fm3d_ckpt):
         return _load_lightning(content, path)
-    return _load_peer(path, format, content)
+    return load_peer_encoder(path, format=format, state_dict=content)

@@ -1,9 +1,10 @@
 """Encoder configurations: one JSON-serialisable dataclass per encoder family.
 
 A config travels with the weights (`config.json` beside `model.safetensors`, or
-`"fm3d_encoder_config"` inside a Lightning checkpoint), so it also carries the preprocessing
-the weights expect (`target_spacing_mm`, `hu_window`), as timm's `pretrained_cfg` does.
-Sizes are in (D, H, W) order, like every array in fm3d.
+`"fm3d_encoder_config"` inside a Lightning checkpoint), so it also carries the input spec the
+weights expect (`target_spacing_mm`, `hu_window`, `intensity_range`, `axis_order`,
+`image_size`: the fields of `fm3d.spec.InputSpec`, under the same names), as timm's
+`pretrained_cfg` does. Sizes are in (D, H, W) order, like every array in fm3d.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from fm3d.models.config_checks import (
     check_field_types,
     check_positive,
 )
+from fm3d.spec import AxisOrder, InputSpec, InputSpecError
 
 __all__ = ["EncoderConfig", "EncoderConfigError", "EncoderInputError", "Swin3DConfig", "ViT3DConfig"]
 
@@ -29,25 +31,46 @@ class EncoderInputError(Fm3dError, ValueError):
 
 
 AttentionBackendName = Literal["auto", "xformers", "sdpa", "math"]
+# Config keys renamed since configs were first written (old name -> field): stored configs
+# (config.json, a checkpoint's "fm3d_encoder_config") written before the rename still load.
+RENAMED_FIELDS = {"img_size": "image_size"}
+
+
+def upgrade_stored_config(data: dict[str, Any]) -> dict[str, Any]:
+    """A stored config dict with renamed keys under their current names (a copy; both names is an error)."""
+    data = dict(data)
+    for old, new in RENAMED_FIELDS.items():
+        if old in data:
+            if new in data:
+                raise EncoderConfigError(
+                    f"config holds both {old!r} (the old name) and {new!r}; keep only {new!r}."
+                )
+            data[new] = data.pop(old)
+    return data
 
 
 @dataclass
 class EncoderConfig:
-    """Fields every encoder family shares: identity, input channels and preprocessing."""
+    """Fields every encoder family shares: identity, input channels and the input spec."""
 
     family: ClassVar[str] = ""
+    # True where the family cannot do without a configured size (ViT3D: it sizes the position
+    # embedding table); an `image_size=None` override then keeps the configured size.
+    image_size_required: ClassVar[bool] = False
     name: str = ""
     in_chans: int = 1
-    # Voxel spacing (D, H, W) in mm and HU clipping window the weights were trained with, and
-    # the values the window's ends were scaled to.
+    # The input spec the weights were trained with (see fm3d.spec.InputSpec, which checks it).
     target_spacing_mm: tuple[float, float, float] = (3.0, 1.5, 1.5)
     hu_window: tuple[float, float] = (-1000.0, 1000.0)
     intensity_range: tuple[float, float] = (0.0, 1.0)
+    axis_order: AxisOrder = "zyx"
+    # The crop in voxels the weights were trained on, in the encoder's input axes (axis_order:
+    # (D, H, W) for "zyx"); None: any size the encoder's patching divides.
+    image_size: tuple[int, int, int] | None = None
     # Indices of the hidden states `forward` returns when called without `hidden_layers`.
     hidden_layers: tuple[int, ...] = ()
     grad_checkpointing: bool = False
-    # Where the weights came from and the input they expect, beyond spacing and HU window
-    # (peer format, file, axis order, intensity scaling); filled by fm3d.models.adapters.
+    # Where the weights came from (peer format, file, key mapping); filled by fm3d.models.adapters.
     source: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -60,23 +83,21 @@ class EncoderConfig:
                 setattr(self, f.name, tuple(value))
         # A copy, so configs made from one registered base never share (and mutate) one dict.
         self.source = dict(self.source)
-        self.target_spacing_mm = tuple(float(s) for s in self.target_spacing_mm)
-        self.hu_window = tuple(float(h) for h in self.hu_window)
-        self.intensity_range = tuple(float(v) for v in self.intensity_range)
-        if len(self.target_spacing_mm) != 3 or len(self.hu_window) != 2 or len(self.intensity_range) != 2:
-            raise EncoderConfigError(
-                f"{self.name or self.family}: target_spacing_mm needs 3 values (D, H, W), hu_window and "
-                f"intensity_range 2 (low, high); got {self.target_spacing_mm}, {self.hu_window} and "
-                f"{self.intensity_range}."
-            )
-        check_positive(self, ("in_chans", "target_spacing_mm"))
-        if not all(map(math.isfinite, self.hu_window + self.intensity_range)) or (
-            self.hu_window[0] >= self.hu_window[1] or self.intensity_range[0] == self.intensity_range[1]
-        ):
-            raise EncoderConfigError(
-                f"{self.name or self.family}: hu_window {self.hu_window} needs finite low < high and "
-                f"intensity_range {self.intensity_range} two different finite values."
-            )
+        if isinstance(self.image_size, int):
+            self.image_size = (self.image_size,) * 3
+        check_positive(self, ("in_chans",))
+        # InputSpec checks and normalises the spec fields; the config keeps its normalised values.
+        try:
+            spec = InputSpec(**{f.name: getattr(self, f.name) for f in dataclasses.fields(InputSpec)})
+        except InputSpecError as error:
+            raise EncoderConfigError(f"{self.name or self.family} config: {error}.") from error
+        for f in dataclasses.fields(InputSpec):
+            setattr(self, f.name, getattr(spec, f.name))
+
+    @property
+    def input_spec(self) -> InputSpec:
+        """The input spec the weights expect, as the one object preparation and sampling share."""
+        return InputSpec(**{f.name: getattr(self, f.name) for f in dataclasses.fields(InputSpec)})
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain JSON types, `family` included."""
@@ -88,8 +109,8 @@ class EncoderConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EncoderConfig:
-        """Rebuild a config from `to_dict()` output; unknown keys are an error, not ignored."""
-        data = dict(data)
+        """Rebuild a config from `to_dict()` output (renamed keys mapped); unknown keys are an error."""
+        data = upgrade_stored_config(data)
         family = data.pop("family", cls.family)
         if family != cls.family:
             raise EncoderConfigError(f"config is for family {family!r}, not {cls.family!r}.")
@@ -97,7 +118,13 @@ class EncoderConfig:
 
     @classmethod
     def with_overrides(cls, base: EncoderConfig, **overrides: Any) -> EncoderConfig:
-        """A copy of `base` with `overrides` applied; names the unknown fields when there are any."""
+        """A copy of `base` with `overrides` applied; names the unknown fields when there are any.
+
+        `image_size=None` ("any size", as an input spec may say) keeps the configured size of a
+        family that needs one (`image_size_required`).
+        """
+        if cls.image_size_required and "image_size" in overrides and overrides["image_size"] is None:
+            overrides = {key: value for key, value in overrides.items() if key != "image_size"}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(overrides) - known)
         if unknown:
@@ -120,13 +147,15 @@ class ViT3DConfig(EncoderConfig):
     """A plain 3D ViT: sizes, patching, position embedding and regularisation."""
 
     family: ClassVar[str] = "vit3d"
+    image_size_required: ClassVar[bool] = True
     embed_dim: int = 768
     depth: int = 12
     num_heads: int = 12
     mlp_ratio: float = 4.0
     patch_size: tuple[int, int, int] = (16, 16, 16)
-    # The configured input size in voxels; other sizes interpolate the position embedding.
-    img_size: tuple[int, int, int] = (96, 96, 96)
+    # The configured input size in voxels: it sizes the position embedding table, which other
+    # sizes interpolate, so a ViT always has one.
+    image_size: tuple[int, int, int] = (96, 96, 96)
     qkv_bias: bool = True
     qk_norm: bool = False
     # None disables layer scale (no ls1/ls2 parameters); DINOv2 uses 1e-5.
@@ -142,17 +171,16 @@ class ViT3DConfig(EncoderConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.patch_size = _triple(self.patch_size, "patch_size")
-        self.img_size = _triple(self.img_size, "img_size")
         check_positive(
-            self, ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "img_size", "norm_eps")
+            self, ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "image_size", "norm_eps")
         )
         if self.embed_dim % self.num_heads:
             raise EncoderConfigError(
                 f"{self.name}: embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}."
             )
-        if any(s % p for s, p in zip(self.img_size, self.patch_size, strict=True)):
+        if any(s % p for s, p in zip(self.image_size, self.patch_size, strict=True)):
             raise EncoderConfigError(
-                f"{self.name}: img_size {self.img_size} is not divisible by patch_size {self.patch_size}."
+                f"{self.name}: image_size {self.image_size} is not divisible by patch_size {self.patch_size}."
             )
         if self.pos_embed not in ("sincos", "learnable"):
             raise EncoderConfigError(f"pos_embed must be 'sincos' or 'learnable', not {self.pos_embed!r}.")
@@ -164,7 +192,7 @@ class ViT3DConfig(EncoderConfig):
             self,
             self.estimated_parameters(),
             f"embed_dim {self.embed_dim}, depth {self.depth}, "
-            f"{math.prod(self.grid)} tokens from img_size {self.img_size} / patch_size {self.patch_size}",
+            f"{math.prod(self.grid)} tokens from image_size {self.image_size} / patch_size {self.patch_size}",
         )
 
     def estimated_parameters(self) -> int:
@@ -181,7 +209,7 @@ class ViT3DConfig(EncoderConfig):
     @property
     def grid(self) -> tuple[int, int, int]:
         """The configured token grid (d, h, w)."""
-        return tuple(s // p for s, p in zip(self.img_size, self.patch_size, strict=True))
+        return tuple(s // p for s, p in zip(self.image_size, self.patch_size, strict=True))
 
 
 @dataclass
@@ -202,12 +230,12 @@ class Swin3DConfig(EncoderConfig):
     drop_path_rate: float = 0.0
     normalize: bool = True
     use_v2: bool = True
-    # VoCo crops (64, 192, 192) voxels in (D, H, W); kept as documentation of the training size.
-    img_size: tuple[int, int, int] = field(default=(64, 192, 192))
+    # VoCo crops (64, 192, 192) voxels in (D, H, W); the windowed stages take any multiple of
+    # patch_size * 16 (32) per axis, so None (no crop) is allowed too.
+    image_size: tuple[int, int, int] | None = (64, 192, 192)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.img_size = _triple(self.img_size, "img_size")
         check_positive(
             self, ("feature_size", "depths", "num_heads", "window_size", "patch_size", "mlp_ratio")
         )
@@ -219,6 +247,12 @@ class Swin3DConfig(EncoderConfig):
             raise EncoderConfigError(
                 f"{self.name}: depths {self.depths} and num_heads {self.num_heads} need one entry per "
                 "stage (4, as MONAI SwinUNETR)."
+            )
+        divisor = self.patch_size * 2 ** len(self.depths)
+        if self.image_size is not None and any(n % divisor for n in self.image_size):
+            raise EncoderConfigError(
+                f"{self.name}: image_size {self.image_size} is not divisible by {divisor} "
+                "(patch_size * 2^stages), which the Swin stages need."
             )
         odd = [
             (2**k * self.feature_size, h)

@@ -101,7 +101,7 @@ def encoder_family(encoder: nn.Module) -> EncoderFamily | None:
 def create_encoder(name: str, **overrides: Any) -> nn.Module:
     """Build the encoder registered as `name`, with config fields replaced by `overrides`.
 
-    Example: `create_encoder("vit3d_base", patch_size=(4, 16, 16), img_size=(32, 256, 256))`.
+    Example: `create_encoder("vit3d_base", patch_size=(4, 16, 16), image_size=(32, 256, 256))`.
     """
     discover_families()
     if name not in _REGISTRY:

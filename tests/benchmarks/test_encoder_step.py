@@ -36,7 +36,7 @@ def test_flop_formula_equals_torch_flop_counter_on_a_real_step(encoder_step):
     # attention path, the scores are plain matmuls too, so both counts must agree exactly.
     torch.manual_seed(0)
     enc = fm3d.create_encoder(
-        "vit3d_tiny", depth=2, embed_dim=48, num_heads=2, mlp_ratio=2.0, img_size=(8, 16, 16),
+        "vit3d_tiny", depth=2, embed_dim=48, num_heads=2, mlp_ratio=2.0, image_size=(8, 16, 16),
         patch_size=(2, 4, 4), attention_backend="math",
     )  # fmt: skip
     x = torch.randn(1, 1, 8, 16, 16)
@@ -51,7 +51,7 @@ def test_flop_formula_equals_torch_flop_counter_on_a_real_step(encoder_step):
 
 @pytest.mark.parametrize("impl", ["fm3d", "monai", "monai_flash"])
 def test_each_candidate_runs_a_step_in_process(encoder_step, impl):
-    case = {"impl": impl, "ckpt": impl == "fm3d", "img_size": (16, 32, 32), "depth": 1, "embed_dim": 48,
+    case = {"impl": impl, "ckpt": impl == "fm3d", "image_size": (16, 32, 32), "depth": 1, "embed_dim": 48,
             "heads": 2, "threads": 1, "warmup": 1, "steps": 2,
             "limit_n": 64, "limit_seconds": 0.01}  # fmt: skip
     report = encoder_step.run_case(case)

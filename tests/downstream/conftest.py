@@ -16,7 +16,7 @@ from fm3d.demo import generate_demo_cohort
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONF = REPO_ROOT / "conf" / "downstream"
 # A tiny vit3d (patch 8, three blocks) keeps every CLI run to seconds on CPU.
-TINY_VIT = "{embed_dim: 32, depth: 3, num_heads: 2, patch_size: 8, img_size: [16, 32, 32]}"
+TINY_VIT = "{embed_dim: 32, depth: 3, num_heads: 2, patch_size: 8, image_size: [16, 32, 32]}"
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from monai.transforms import ScaleIntensityRange
 
 from downstream.tasks.classification import ClassificationTask
 
-TINY = {"embed_dim": 32, "depth": 1, "num_heads": 2, "patch_size": 8, "img_size": (16, 32, 32)}
+TINY = {"embed_dim": 32, "depth": 1, "num_heads": 2, "patch_size": 8, "image_size": (16, 32, 32)}
 
 
 def test_prepare_image_follows_the_encoder_config() -> None:

@@ -21,7 +21,7 @@ from downstream.cli import main as finetune
 from downstream.evaluate import main as evaluate
 from fm3d.train.tracking import CHECKPOINT_TAG, FIT_RUN_TAG, RUN_ID_FILE, local_tracking_uri
 
-TINY = {"embed_dim": 32, "depth": 3, "num_heads": 2, "patch_size": 8, "img_size": (16, 32, 32)}
+TINY = {"embed_dim": 32, "depth": 3, "num_heads": 2, "patch_size": 8, "image_size": (16, 32, 32)}
 
 
 @pytest.fixture(scope="module")

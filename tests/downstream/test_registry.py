@@ -13,7 +13,7 @@ from downstream.base import DownstreamTask
 from downstream.registry import TaskRegistryError, build_task, get_task, list_tasks, register_task
 from fm3d.plugins import PluginError
 
-TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8, "img_size": (16, 16, 16)}
+TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8, "image_size": (16, 16, 16)}
 
 
 def test_builtin_tasks_are_listed() -> None:

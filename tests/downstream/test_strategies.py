@@ -26,7 +26,7 @@ from fm3d.models.config import EncoderConfig
 from fm3d.models.encoder import EncoderFamily, EncoderOutput
 from fm3d.models.families.vit3d import vit_layer_id
 
-TINY = {"embed_dim": 32, "depth": 3, "num_heads": 2, "patch_size": 8, "img_size": (16, 16, 16)}
+TINY = {"embed_dim": 32, "depth": 3, "num_heads": 2, "patch_size": 8, "image_size": (16, 16, 16)}
 
 
 def _batches(n: int = 4) -> list[dict]:

@@ -29,7 +29,7 @@ class _TinyModule(L.LightningModule):
     def __init__(self, lr: float = 0.1, encoder_name: str = "vit3d_tiny") -> None:
         super().__init__()
         self.save_hyperparameters()  # hyper-parameters ride in the checkpoint and must stay weights-only
-        self.encoder = fm3d.create_encoder(encoder_name, depth=1, img_size=(32, 32, 32))
+        self.encoder = fm3d.create_encoder(encoder_name, depth=1, image_size=(32, 32, 32))
         self.head = torch.nn.Linear(self.encoder.embed_dim, 1)
 
     def training_step(self, batch, batch_idx):
@@ -256,3 +256,40 @@ def test_save_encoder_writes_atomically_over_an_old_export(tmp_path):
     fm3d.save_encoder(fm3d.create_encoder("vit3d_tiny", depth=2), folder)
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
     assert fm3d.load_encoder(folder).config.depth == 2
+
+
+def _as_written_before_the_rename(config: dict) -> dict:
+    """A config dict as fm3d wrote it before `img_size` became `image_size` (and before `axis_order`)."""
+    old = {("img_size" if key == "image_size" else key): value for key, value in config.items()}
+    del old["axis_order"]
+    return old
+
+
+@pytest.mark.parametrize("name", ["vit3d_tiny", "swin3d_tiny"])
+def test_exports_and_checkpoints_written_with_img_size_still_load(tmp_path, name):
+    torch.manual_seed(0)
+    encoder = fm3d.create_encoder(name, **({"depth": 1, "image_size": (16, 32, 32)} if "vit" in name else {}))
+    folder = fm3d.save_encoder(encoder, tmp_path / "old_export")
+    old = _as_written_before_the_rename(json.loads((folder / "config.json").read_text()))
+    (folder / "config.json").write_text(json.dumps(old, indent=2))
+    ckpt = tmp_path / "old.ckpt"
+    state = {f"encoder.{key}": value for key, value in encoder.state_dict().items()}
+    torch.save({"fm3d_encoder_config": old, "state_dict": state}, ckpt)
+
+    for path in (folder, ckpt):
+        loaded = fm3d.load_encoder(path)
+        assert loaded.config == encoder.config and loaded.config.axis_order == "zyx"
+        assert all(
+            torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), state.values(), strict=True)
+        )
+
+
+def test_a_config_with_both_crop_size_names_is_refused_naming_them(tmp_path):
+    folder = fm3d.save_encoder(fm3d.create_encoder("vit3d_tiny", depth=1), tmp_path / "both")
+    config = json.loads((folder / "config.json").read_text())
+    config["img_size"] = config["image_size"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        EncoderLoadError, match=r"config\.json: config holds both 'img_size'.*keep only 'image_size'"
+    ):
+        fm3d.load_encoder(folder)

@@ -10,7 +10,7 @@ import torch
 from fm3d.text import init_text_model
 
 # A 16^3 volume with 8^3 patches: 8 tokens, a few milliseconds per vit3d_tiny step on CPU.
-TINY_ENCODER = {"img_size": [16, 16, 16], "patch_size": [8, 8, 8]}
+TINY_ENCODER = {"image_size": [16, 16, 16], "patch_size": [8, 8, 8]}
 REPORTS = [
     "liver lesion in segment four",
     "normal chest ct without findings",
@@ -164,7 +164,7 @@ def tiny_run_config(
         },
         "model": {
             "encoder": "vit3d_tiny",
-            "encoder_overrides": {"img_size": [16, 16, 16], "patch_size": [8, 8, 8], "depth": 2},
+            "encoder_overrides": {"image_size": [16, 16, 16], "patch_size": [8, 8, 8], "depth": 2},
             "objectives": {name: available[name] for name in objectives},
             "optimizer": {"lr": 1e-3, "warmup_steps": 2},
         },

@@ -13,7 +13,7 @@ import fm3d
 from pretrain.module import PretrainConfigError, PretrainModule
 from pretrain.objectives.clip import ClipObjective
 
-TINY = {"img_size": [16, 16, 16], "patch_size": [8, 8, 8]}
+TINY = {"image_size": [16, 16, 16], "patch_size": [8, 8, 8]}
 
 
 def clip_factory(text_model, **kwargs):

@@ -13,7 +13,12 @@ The mapping is MONAI's (see `monai_vit`), with the head count and grid fixed to 
 
 M3D's volumes are 2D display images (8-bit JPEG/PNG slices of M3D-Cap) stacked as
 (slice, row, column), min-max scaled per volume to [0, 1], foreground-cropped and resized to
-32 x 256 x 256 (`Data/process/m3d_cap_data_prepare.py`): no spacing and no HU window.
+32 x 256 x 256 (`Data/process/m3d_cap_data_prepare.py`): no spacing and no HU window. The
+input spec says what it can: axis order "zyx" (slices first, as fm3d's D; M3D's display rows
+and columns run opposite to RAS y and x, which a spec cannot say), image_size 32 x 256 x 256
+and intensity [0, 1]; spacing and HU window keep fm3d's defaults and are listed in
+`config.source["spec_assumed"]`, since a CT read from NIfTI needs some (a resize to
+32 x 256 x 256 is what M3D did instead).
 """
 
 from __future__ import annotations
@@ -24,32 +29,40 @@ from pathlib import Path
 
 import torch
 
+from fm3d.models.adapters.formats import register_peer_format
 from fm3d.models.adapters.matching import PeerConversion, find_prefix
 from fm3d.models.adapters.monai_vit import ANCHOR, PERCEPTRON_PATCH, convert_vit
 
 FORMAT = "m3d_clip"
-IMG_SIZE = (32, 256, 256)
+IMAGE_SIZE = (32, 256, 256)
 PATCH_SIZE = (4, 16, 16)
 EMBED_DIM = 768
 # Prefixes that only M3D writes in front of its MONAI ViT.
 M3D_PREFIXES = ("vision_encoder.", "vision_tower.vision_tower.")
 
 
-def looks_like_m3d(state: Mapping[str, torch.Tensor]) -> bool:
-    """True for an M3D prefix, or for a bare MONAI ViT with exactly M3D's perceptron geometry."""
+def detect(state: Mapping[str, torch.Tensor]) -> str | None:
+    """An M3D prefix, or a bare MONAI ViT with exactly M3D's perceptron geometry; None otherwise."""
     for key, tensor in state.items():
         if not key.endswith(ANCHOR):
             continue
         prefix = key[: -len(ANCHOR)]
         if prefix.endswith(M3D_PREFIXES):
-            return True
+            return f"M3D prefix '{prefix}'"
         linear = state.get(prefix + PERCEPTRON_PATCH)
-        grid = math.prod(s // p for s, p in zip(IMG_SIZE, PATCH_SIZE, strict=True))
+        grid = math.prod(s // p for s, p in zip(IMAGE_SIZE, PATCH_SIZE, strict=True))
         if linear is not None and tuple(linear.shape) == (EMBED_DIM, 4 * 16 * 16) and tensor.shape[1] == grid:
-            return True
-    return False
+            return f"M3D's perceptron geometry under '{prefix}'"
+    return None
 
 
+# Above monai_vit: an M3D tower is a MONAI ViT whose head count and grid M3D fixes.
+@register_peer_format(
+    FORMAT,
+    detect=detect,
+    priority=20,
+    looks_for=f"'{ANCHOR}' under {list(M3D_PREFIXES)} or with M3D's 4 x 16 x 16 perceptron patch (M3D-CLIP)",
+)
 def convert(state: Mapping[str, torch.Tensor], path: Path) -> PeerConversion:
     """M3D-CLIP / pretrained_ViT.bin / M3D-LaMed vision tower -> vit3d_base at 32 x 256 x 256."""
     # M3D fixes the geometry. Its published tower has 768 channels in 12 heads of 64; other
@@ -57,14 +70,11 @@ def convert(state: Mapping[str, torch.Tensor], path: Path) -> PeerConversion:
     prefix = find_prefix(state, ANCHOR, path, "M3D-CLIP vision tower")
     num_heads = max(state[prefix + ANCHOR].shape[2] // 64, 1)
     conversion = convert_vit(
-        state, path, format=FORMAT, num_heads=num_heads, img_size=IMG_SIZE, patch_size=PATCH_SIZE
+        state, path, format=FORMAT, num_heads=num_heads, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE
     )
+    conversion.config.update(axis_order="zyx", intensity_range=(0.0, 1.0))
     conversion.source.update(
         num_heads="embed_dim / 64 (M3DCLIPConfig: 768 / 12)",
-        input_size=list(IMG_SIZE),
-        input_axes="(slice, image row, image column) of stacked 2D display images; no RAS orientation",
-        input_permute=None,
-        intensity="per-volume min-max to [0, 1] of 8-bit display images (already windowed); not HU",
-        spacing_mm="none: foreground crop resized to 32 x 256 x 256",
+        spec_assumed=["target_spacing_mm", "hu_window"],
     )
     return conversion

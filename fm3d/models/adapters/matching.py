@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from fm3d.errors import Fm3dError
-from fm3d.io import check_finite
 from fm3d.models.config import EncoderConfigError
 from fm3d.models.registry import create_encoder
+from fm3d.models.weights import check_finite
 
 logger = logging.getLogger(__name__)
 

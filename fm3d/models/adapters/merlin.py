@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from fm3d.models.adapters.formats import register_peer_format
 from fm3d.models.adapters.matching import PeerConversion, PeerWeightsError, find_prefix, split_prefix
 
 FORMAT = "merlin"
@@ -36,16 +37,17 @@ _HEADS = re.compile(r"^(classifier|contrastive_head|fc)\.")
 _BLOCK = re.compile(r"^layer([1-4])\.(\d+)\.")
 
 
-def looks_like_merlin(state: Mapping[str, torch.Tensor]) -> bool:
-    """True for the report-generation layout, or an I3D stem: conv1 (.., 3, 7, 7) beside layer1."""
-    if any(key.endswith(FEATURES_ANCHOR) for key in state):
-        return True
+def detect(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The report-generation layout, or an I3D stem conv1 (.., 3, 7, 7) beside layer1; None otherwise."""
+    for key in state:
+        if key.endswith(FEATURES_ANCHOR):
+            return f"key '{key}'"
     for key in state:
         if key.endswith(ANCHOR):
             stem = state.get(key[: -len(ANCHOR)] + "conv1.weight")
             if stem is not None and stem.ndim == 5 and tuple(stem.shape[-3:]) == (3, 7, 7):
-                return True
-    return False
+                return f"an I3D stem {tuple(stem.shape)} beside '{key}'"
+    return None
 
 
 def _encoder_keys(
@@ -65,6 +67,13 @@ def _encoder_keys(
     return inside, outside, prefix
 
 
+# Above every other format: another network holding an I3D stem beside layer1 is unknown to fm3d.
+@register_peer_format(
+    FORMAT,
+    detect=detect,
+    priority=40,
+    looks_for=f"a key ending in '{FEATURES_ANCHOR}', or '{ANCHOR}' beside a (.., 3, 7, 7) stem (Merlin)",
+)
 def convert(state: Mapping[str, torch.Tensor], path: Path) -> PeerConversion:
     """Merlin CLIP / five-year / report-generation checkpoints -> resnet3d_i3d taking fm3d input."""
     inside, outside, prefix = _encoder_keys(state, path)
@@ -97,18 +106,18 @@ def convert(state: Mapping[str, torch.Tensor], path: Path) -> PeerConversion:
         "in_chans": 1,
         "layers": tuple(blocks[s] for s in range(1, 5)),
         "base_width": stem.shape[0],
+        # Merlin's input spec in fm3d's axes (its kernels are transposed above): 1.5 x 1.5 x 3 mm
+        # (x, y, z), ScaleIntensityRanged -1000..1000 -> 0..1, a 224 x 224 x 160 (x, y, z) pad/crop.
         "target_spacing_mm": (3.0, 1.5, 1.5),
         "hu_window": (-1000.0, 1000.0),
-        "img_size": (160, 224, 224),
+        "intensity_range": (0.0, 1.0),
+        "axis_order": "zyx",
+        "image_size": (160, 224, 224),
     }
     source = {
         "prefix": prefix,
-        "input_axes": "fm3d (D, H, W); Merlin's (z, x, y) kernels were transposed in-plane on load",
-        "input_permute": [0, 1, 2, 3, 4],
+        "kernels": "Merlin's (z, x, y) kernels transposed in-plane to fm3d's (z, y, x)",
         "input_channels": f"Merlin's {stem.shape[1]} replicated input channels folded into 1",
-        "intensity": "HU clipped to [-1000, 1000], scaled to [0, 1] (Merlin's ScaleIntensityRanged)",
-        "spacing_mm": "(3.0, 1.5, 1.5) in (D, H, W): Merlin's 1.5 x 1.5 x 3 mm (x, y, z)",
-        "input_size": "(160, 224, 224) in (D, H, W): Merlin's 224 x 224 x 160 (x, y, z) pad/crop",
         "pooled": "Merlin's 2048-d image embedding (ImageEmbedding=True)",
     }
     return PeerConversion(

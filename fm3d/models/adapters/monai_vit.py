@@ -14,10 +14,13 @@ unused `norm_cross_attn`. Those are MONAI placeholders (the ViT never calls them
 aside, as are UNETR's decoder and a classification head.
 
 What the file cannot tell: the number of heads (a hint, default embed_dim / 64, as ViT-B/L/S),
-the grid when the patch count is not a cube (an `img_size` hint), the patch of a perceptron
-embedding whose size is not a cube (a `patch_size` hint), the axis order, spacing and
-intensity the network was trained with. fm3d does not transpose weights: feed the encoder the
-axes in the order the MONAI network was fed.
+the grid when the patch count is not a cube (an `image_size` hint), the patch of a perceptron
+embedding whose size is not a cube (a `patch_size` hint), and the spacing, HU window and
+intensity range the network was trained with. fm3d does not transpose weights, so the input
+spec's axis order is MONAI's "xyz" (`LoadImage` + `Orientation("RAS")` arrays) and its
+image_size the trained grid in those axes; the three unrecorded fields keep fm3d's defaults
+and are listed in `config.source["spec_assumed"]` (set them with
+`fm3d.preprocessing(encoder.config.input_spec.replace(...))`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any
 
 import torch
 
+from fm3d.models.adapters.formats import register_peer_format
 from fm3d.models.adapters.matching import PeerConversion, PeerWeightsError, find_prefix, split_prefix
 
 logger = logging.getLogger(__name__)
@@ -41,6 +45,8 @@ CONV_PATCH = "patch_embedding.patch_embeddings.weight"
 PERCEPTRON_PATCH = "patch_embedding.patch_embeddings.1.weight"
 # MONAI LayerNorm default.
 MONAI_NORM_EPS = 1e-5
+# Input spec fields MONAI weights do not record: the config keeps fm3d's defaults for them.
+UNRECORDED_SPEC = ["target_spacing_mm", "hu_window", "intensity_range"]
 
 # (peer pattern, fm3d replacement) for every tensor that is a plain renaming.
 _RENAMES = [
@@ -66,6 +72,11 @@ _NAMES = {
     (768, 12): "vit3d_base",
     (1024, 24): "vit3d_large",
 }
+
+
+def detect(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The first key of a MONAI ViT position embedding (any prefix), or None."""
+    return next((f"key '{key}'" for key in state if key.endswith(ANCHOR)), None)
 
 
 def _cube_root(n: int) -> int | None:
@@ -109,13 +120,13 @@ def _patch_weight(
     return weight, patch, "perceptron"
 
 
-def _grid(n_patches: int, img_size: Any, patch: tuple[int, int, int], path: Path) -> tuple[int, int, int]:
-    if img_size is not None:
-        size = _triple(img_size)
+def _grid(n_patches: int, image_size: Any, patch: tuple[int, int, int], path: Path) -> tuple[int, int, int]:
+    if image_size is not None:
+        size = _triple(image_size)
         grid = tuple(s // p for s, p in zip(size, patch, strict=True))
         if math.prod(grid) != n_patches or any(s % p for s, p in zip(size, patch, strict=True)):
             raise PeerWeightsError(
-                f"{path}: img_size {size} with patch {patch} gives a {grid} grid, but the position "
+                f"{path}: image_size {size} with patch {patch} gives a {grid} grid, but the position "
                 f"embedding has {n_patches} patches."
             )
         return grid
@@ -123,7 +134,7 @@ def _grid(n_patches: int, img_size: Any, patch: tuple[int, int, int], path: Path
     if side is None:
         raise PeerWeightsError(
             f"{path}: the position embedding has {n_patches} patches, not a cube grid; pass the "
-            "img_size=(D, H, W) the network was trained with to load_peer_encoder."
+            "image_size=(D, H, W) the network was trained with to load_peer_encoder."
         )
     return (side, side, side)
 
@@ -134,7 +145,7 @@ def convert_vit(
     *,
     format: str,
     num_heads: int | None = None,
-    img_size: Any = None,
+    image_size: Any = None,
     patch_size: Any = None,
 ) -> PeerConversion:
     """Rewrite the MONAI ViT found in `state` (at any prefix) as a ViT3D conversion."""
@@ -144,7 +155,7 @@ def convert_vit(
     embed_dim, n_patches = pos.shape[2], pos.shape[1]
     in_chans = vit[CONV_PATCH].shape[1] if CONV_PATCH in vit else 1
     patch_weight, patch, proj_type = _patch_weight(vit, embed_dim, in_chans, patch_size, path)
-    grid = _grid(n_patches, img_size, patch, path)
+    grid = _grid(n_patches, image_size, patch, path)
     block_ids = {int(m.group(1)) for key in vit if (m := _BLOCK.match(key))}
     if not block_ids:
         raise PeerWeightsError(f"{path}: the MONAI ViT under prefix '{prefix}' has no blocks.N.* keys.")
@@ -190,7 +201,8 @@ def convert_vit(
         "num_heads": num_heads,
         "mlp_ratio": mlp_dim / embed_dim,
         "patch_size": patch,
-        "img_size": tuple(g * p for g, p in zip(grid, patch, strict=True)),
+        # In the axes the network was fed, like the patch size (see the module docstring).
+        "image_size": tuple(g * p for g, p in zip(grid, patch, strict=True)),
         "qkv_bias": "blocks.0.attn.qkv.bias" in vit,
         # The stored table is used as is, whatever MONAI built it from (learnable, sincos, none).
         "pos_embed": "learnable",
@@ -201,9 +213,6 @@ def convert_vit(
         "prefix": prefix,
         "monai_proj_type": proj_type,
         "num_heads": heads_origin,
-        "input_size": list(config["img_size"]),
-        "input_axes": "the spatial axes in the order the MONAI network was fed (fm3d transposes nothing)",
-        "input_permute": None,
     }
     return PeerConversion(
         format=format,
@@ -216,11 +225,21 @@ def convert_vit(
     )
 
 
+@register_peer_format(
+    FORMAT,
+    detect=detect,
+    priority=10,
+    looks_for=f"a key ending in '{ANCHOR}' (MONAI ViT/UNETR)",
+    hints=("num_heads", "image_size", "patch_size"),
+)
 def convert(state: Mapping[str, torch.Tensor], path: Path, **hints: Any) -> PeerConversion:
-    """MONAI ViT or UNETR weights (`vit.` prefix or bare) -> vit3d; hints: num_heads, img_size, patch_size."""
+    """MONAI ViT or UNETR weights (`vit.` prefix or bare) -> vit3d; hints in the format's `hints`."""
     conversion = convert_vit(state, path, format=FORMAT, **hints)
-    conversion.source.update(
-        intensity="not recorded in MONAI weights: use the training pipeline's",
-        spacing_mm="not recorded in MONAI weights: use the training pipeline's",
+    conversion.config["axis_order"] = "xyz"
+    conversion.source["spec_assumed"] = list(UNRECORDED_SPEC)
+    logger.warning(
+        "%s: MONAI weights do not record the spacing, HU window or intensity range they were trained "
+        "with; the encoder's input spec keeps fm3d's defaults for them (config.source['spec_assumed']).",
+        path,
     )
     return conversion

@@ -11,8 +11,10 @@ files); decoders and projection heads beside the encoder are set aside.
 Everything the swin3d config needs is in the shapes: feature_size and patch from the patch
 embedding, depths from the block indices, heads from the relative position bias tables, the
 window from the table length ((2w - 1)^3 rows), mlp_ratio, qkv_bias and v2 from the keys.
-VoCo's inputs are MONAI (x, y, z) arrays of the RAS volume at 1.5 mm, HU [-175, 250] -> [0, 1];
-fm3d does not transpose weights, so feed `volume.permute(0, 1, 4, 3, 2)` of an fm3d [B, 1, D, H, W].
+VoCo's inputs are MONAI (x, y, z) arrays of the RAS volume (`LoadImage`, `Orientation("RAS")`)
+at 1.5 mm (`Spacingd`), HU [-175, 250] -> [0, 1] (`ScaleIntensityRanged`), fine-tuned on
+96 x 96 x 96 crops; fm3d does not transpose weights, so the input spec says axis_order "xyz"
+and `fm3d.preprocessing(encoder)` feeds the encoder exactly that.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from fm3d.models.adapters.formats import register_peer_format
 from fm3d.models.adapters.matching import PeerConversion, PeerWeightsError, find_prefix, split_prefix
 
 FORMAT = "voco"
@@ -32,6 +35,11 @@ SWIN_NAMES = ("swinViT.", "swin_vit.")
 ENCODER_MODULES = ("swinViT.", "encoder1.", "encoder2.", "encoder3.", "encoder4.", "encoder10.")
 _BLOCK = re.compile(r"^swinViT\.layers(\d)\.0\.blocks\.(\d+)\.")
 _NAMES = {12: "swin3d_tiny", 48: "swin3d_base", 96: "swin3d_large", 192: "swin3d_huge"}
+
+
+def detect(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The first key of a SwinUNETR patch embedding (`swinViT.` or `swin_vit.`, any prefix), or None."""
+    return next((f"key '{key}'" for key in state for name in SWIN_NAMES if key.endswith(name + ANCHOR)), None)
 
 
 def _window(table_rows: int, path: Path) -> int:
@@ -60,6 +68,12 @@ def _find_swin_prefix(state: Mapping[str, torch.Tensor], path: Path) -> tuple[st
     return found[0]
 
 
+@register_peer_format(
+    FORMAT,
+    detect=detect,
+    priority=30,
+    looks_for=f"a key ending in 'swinViT.{ANCHOR}' or 'swin_vit.{ANCHOR}' (VoCo/SwinUNETR)",
+)
 def convert(state: Mapping[str, torch.Tensor], path: Path) -> PeerConversion:
     """SwinUNETR-shaped weights (any wrapper prefix) -> swin3d with sizes read from the shapes."""
     prefix, swin_name = _find_swin_prefix(state, path)
@@ -101,21 +115,15 @@ def convert(state: Mapping[str, torch.Tensor], path: Path) -> PeerConversion:
         "mlp_ratio": (fc1.shape[0] / feature_size) if fc1 is not None else 4.0,
         "qkv_bias": "swinViT.layers1.0.blocks.0.attn.qkv.bias" in weights,
         "use_v2": any(key.startswith("swinViT.layers1c.") for key in weights),
-        # VoCo's preprocessing (Spacingd 1.5 mm, ScaleIntensityRanged -175..250) and fine-tuning crop.
+        # VoCo's input spec: Spacingd 1.5 mm, ScaleIntensityRanged -175..250 -> 0..1, MONAI's
+        # (x, y, z) axes, its 96^3 fine-tuning crop (any multiple of 32 per axis runs).
         "target_spacing_mm": (1.5, 1.5, 1.5),
         "hu_window": (-175.0, 250.0),
-        "img_size": (96, 96, 96),
+        "intensity_range": (0.0, 1.0),
+        "axis_order": "xyz",
+        "image_size": (96, 96, 96),
     }
-    source = {
-        "prefix": prefix,
-        "input_axes": (
-            "MONAI (x, y, z) of the RAS volume: feed an fm3d [B, 1, D, H, W] as volume.permute(0, 1, 4, 3, 2)"
-        ),
-        "input_permute": [0, 1, 4, 3, 2],
-        "intensity": "HU clipped to [-175, 250], scaled to [0, 1] (VoCo's ScaleIntensityRanged)",
-        "spacing_mm": "1.5 isotropic (VoCo's Spacingd)",
-        "input_size": "any multiple of 32 per axis (x, y, z); VoCo fine-tunes on 96 x 96 x 96",
-    }
+    source = {"prefix": prefix}
     return PeerConversion(
         format=FORMAT,
         encoder_name=_NAMES.get(feature_size, "swin3d_base"),

@@ -45,8 +45,9 @@ class ResNet3DI3DConfig(EncoderConfig):
     # maps HU [-1000, 1000] to [0, 1].
     target_spacing_mm: tuple[float, float, float] = (3.0, 1.5, 1.5)
     hu_window: tuple[float, float] = (-1000.0, 1000.0)
-    # Merlin's training size, 224 x 224 x 160 (x, y, z); any size divisible by 32 in H, W works.
-    img_size: tuple[int, int, int] = (160, 224, 224)
+    # Merlin's training size, 224 x 224 x 160 (x, y, z); any size divisible by 32 in H, W works,
+    # so None (no crop) is allowed too.
+    image_size: tuple[int, int, int] | None = (160, 224, 224)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -70,7 +70,7 @@ def test_swin_decoder_equals_monai_swinunetr() -> None:
 )
 def test_unetr_decoder_follows_any_power_of_two_patch(patch: tuple, img: tuple) -> None:
     encoder = fm3d.create_encoder(
-        "vit3d_tiny", embed_dim=32, depth=4, num_heads=2, patch_size=patch, img_size=img
+        "vit3d_tiny", embed_dim=32, depth=4, num_heads=2, patch_size=patch, image_size=img
     )
     decoder, hidden_layers = build_decoder(encoder, num_classes=4, feature_size=4)
     x = torch.randn(2, 1, *img)

@@ -38,7 +38,7 @@ def test_spatial_pool_is_block_means_of_the_token_grid_then_the_mlp() -> None:
 
 def test_spatial_pool_on_a_real_encoder_output() -> None:
     encoder = fm3d.create_encoder(
-        "vit3d_tiny", embed_dim=32, depth=1, num_heads=2, patch_size=8, img_size=(16, 32, 32)
+        "vit3d_tiny", embed_dim=32, depth=1, num_heads=2, patch_size=8, image_size=(16, 32, 32)
     )
     out = encoder(torch.rand(2, 1, 16, 32, 32))
     config = ProjectorConfig(kind="spatial_pool", pool_grid=(1, 2, 2))

@@ -20,7 +20,7 @@ from downstream.language.causal_lm import init_causal_lm
 from fm3d.clip import ClipConfig, ClipModel, save_clip
 from fm3d.text import init_text_model
 
-TINY = {"embed_dim": 32, "depth": 3, "num_heads": 2, "patch_size": 8, "img_size": (16, 32, 32)}
+TINY = {"embed_dim": 32, "depth": 3, "num_heads": 2, "patch_size": 8, "image_size": (16, 32, 32)}
 
 
 @pytest.fixture(scope="session")

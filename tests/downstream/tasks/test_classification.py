@@ -19,7 +19,7 @@ from downstream.cli import main as finetune
 from downstream.evaluate import main as evaluate
 from downstream.tasks.classification import ClassificationTask, tune_threshold
 
-TINY = {"embed_dim": 32, "depth": 3, "num_heads": 2, "patch_size": 8, "img_size": (16, 32, 32)}
+TINY = {"embed_dim": 32, "depth": 3, "num_heads": 2, "patch_size": 8, "image_size": (16, 32, 32)}
 
 
 def test_classification_fit_and_evaluate_through_the_cli(

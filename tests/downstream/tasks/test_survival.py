@@ -19,7 +19,7 @@ from downstream.evaluate import main as evaluate
 from downstream.plots import kaplan_meier
 from downstream.tasks.survival import SurvivalTask
 
-TINY = {"embed_dim": 32, "depth": 3, "num_heads": 2, "patch_size": 8, "img_size": (16, 32, 32)}
+TINY = {"embed_dim": 32, "depth": 3, "num_heads": 2, "patch_size": 8, "image_size": (16, 32, 32)}
 
 
 def test_survival_fit_and_evaluate_through_the_cli(

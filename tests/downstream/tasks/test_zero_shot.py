@@ -155,7 +155,7 @@ def test_mismatched_clip_and_encoder_are_refused(language_kit: SimpleNamespace) 
                 "embed_dim": 48,
                 "depth": 1,
                 "num_heads": 2,
-                "img_size": [16, 32, 32],
+                "image_size": [16, 32, 32],
                 "patch_size": 8,
             },
         )

@@ -24,7 +24,7 @@ def _allocated(module: nn.Module) -> int:
             "vit3d_tiny",
             {"pos_embed": "sincos", "qk_norm": True, "layer_scale_init": 1e-5, "cls_token": False},
         ),
-        ("vit3d_small", {"img_size": (32, 128, 128), "patch_size": (4, 16, 16), "qkv_bias": False}),
+        ("vit3d_small", {"image_size": (32, 128, 128), "patch_size": (4, 16, 16), "qkv_bias": False}),
         ("resnet3d_i3d", {"layers": (1, 2, 1, 1), "base_width": 8, "in_chans": 3}),
     ],
 )
@@ -69,7 +69,6 @@ def test_wrong_types_are_named(overrides, named):
         ({"num_heads": 0}, r"`num_heads` = 0"),
         ({"depth": -1}, r"`depth` = -1"),
         ({"patch_size": (16, 0, 16)}, r"`patch_size` = \(16, 0, 16\)"),
-        ({"target_spacing_mm": (1.0, float("nan"), 1.0)}, r"`target_spacing_mm` = \(1\.0, nan, 1\.0\)"),
         ({"mlp_ratio": 0.0}, r"`mlp_ratio` = 0\.0"),
     ],
 )
@@ -78,9 +77,17 @@ def test_non_positive_sizes_are_named(overrides, named):
         create_encoder("vit3d_tiny", **overrides)
 
 
-def test_hu_window_must_be_ordered():
-    with pytest.raises(EncoderConfigError, match=r"hu_window \(100\.0, -100\.0\) needs finite low < high"):
-        ViT3DConfig(hu_window=(100, -100))
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"hu_window": (100, -100)}, r"hu_window must be whole HU values \(low, high\), low < high"),
+        ({"target_spacing_mm": (1.0, float("nan"), 1.0)}, r"target_spacing_mm must be 3 finite numbers"),
+    ],
+)
+def test_the_input_spec_fields_are_checked_by_input_spec(overrides, named):
+    # One check for the spec, InputSpec's, reported as a config error naming the encoder.
+    with pytest.raises(EncoderConfigError, match=r"vit3d_tiny config: " + named):
+        create_encoder("vit3d_tiny", **overrides)
 
 
 @pytest.mark.parametrize(
@@ -90,8 +97,8 @@ def test_hu_window_must_be_ordered():
         ("vit3d_tiny", {"embed_dim": 3 * 2**20}, r"embed_dim 3145728"),
         (
             "vit3d_tiny",
-            {"img_size": 4096, "patch_size": 4},
-            r"1073741824 tokens from img_size \(4096, 4096, 4096\)",
+            {"image_size": 4096, "patch_size": 4},
+            r"1073741824 tokens from image_size \(4096, 4096, 4096\)",
         ),
         ("swin3d_tiny", {"window_size": 64}, r"window_size 64"),
         ("resnet3d_i3d", {"base_width": 4096}, r"base_width 4096"),

@@ -58,7 +58,7 @@ def test_vit_sizes(name, dim, depth, heads):
         enc = fm3d.create_encoder(name)
     assert enc.embed_dim == dim and enc.config.num_heads == heads and enc.config.depth == depth
     assert len(enc.blocks) == depth and enc.blocks[0].attn.head_dim == 64
-    assert enc.config.patch_size == (16, 16, 16) and enc.config.img_size == (96, 96, 96)
+    assert enc.config.patch_size == (16, 16, 16) and enc.config.image_size == (96, 96, 96)
 
 
 def test_unknown_name_lists_known_names():
@@ -72,14 +72,14 @@ def test_unknown_override_names_valid_fields():
 
 
 def test_overrides_reach_the_config():
-    enc = fm3d.create_encoder("vit3d_tiny", patch_size=(4, 16, 16), img_size=(32, 256, 256), norm_eps=1e-5)
+    enc = fm3d.create_encoder("vit3d_tiny", patch_size=(4, 16, 16), image_size=(32, 256, 256), norm_eps=1e-5)
     assert enc.config.patch_size == (4, 16, 16) and enc.config.grid == (8, 16, 16)
     assert enc.norm.eps == 1e-5 and enc.config.name == "vit3d_tiny"
 
 
 def test_bad_values_are_refused():
     with pytest.raises(EncoderConfigError, match="not divisible"):
-        fm3d.create_encoder("vit3d_tiny", img_size=(100, 96, 96))
+        fm3d.create_encoder("vit3d_tiny", image_size=(100, 96, 96))
     with pytest.raises(EncoderConfigError, match="attention_backend"):
         fm3d.create_encoder("vit3d_tiny", attention_backend="flash")
 

@@ -46,7 +46,7 @@ def _batch(batch_size: int = 2) -> dict:
 
 def test_all_objectives_backpropagate_into_the_encoder(text_model):
     torch.manual_seed(0)
-    encoder = fm3d.create_encoder("vit3d_tiny", img_size=(32, 32, 32), patch_size=(8, 8, 8), depth=1)
+    encoder = fm3d.create_encoder("vit3d_tiny", image_size=(32, 32, 32), patch_size=(8, 8, 8), depth=1)
     dim = encoder.embed_dim
     objectives = {
         "voco": VoCoObjective(dim, hidden_dim=32, out_dim=16),

@@ -77,9 +77,11 @@ def test_m3d_clip_folder_loads_the_vision_encoder(tmp_path):
 
     _check_matches(encoder, net)
     config = encoder.config
-    assert (config.img_size, config.patch_size) == (IMG_SIZE, PATCH_SIZE)
+    assert (config.image_size, config.patch_size) == (IMG_SIZE, PATCH_SIZE)
     assert (config.qkv_bias, config.cls_token) == (False, True)
     assert config.source["format"] == "m3d_clip"
+    assert (config.axis_order, config.intensity_range) == ("zyx", (0.0, 1.0))
+    assert config.source["spec_assumed"] == ["target_spacing_mm", "hu_window"]  # M3D resized display images
     assert encoder.peer_weights_report.ignored == len(_clip_extras(128))
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import fm3d
 from fm3d.models.adapters import PeerWeightsError, check_conversion, convert_peer_weights
 from fm3d.models.registry import create_encoder
+from fm3d.spec import InputSpec
 
 # Folding Merlin's three identical input channels into one sums the stem kernel first, which
 # reorders float32 sums; activations here are O(5), hence an absolute 1e-4.
@@ -150,6 +151,10 @@ def test_merlin_checkpoint_loads_and_matches_merlin_forward(tmp_path, kind):
     assert out.grid == (feature_map.shape[2], feature_map.shape[4], feature_map.shape[3])
     assert encoder.config.layers == LAYERS and encoder.embed_dim == WIDTH * 32
     assert encoder.config.source["format"] == "merlin"
+    # Merlin's published preprocessing in fm3d's axes: its kernels were transposed to take (z, y, x).
+    assert encoder.config.input_spec == InputSpec(
+        (3.0, 1.5, 1.5), (-1000, 1000), (0, 1), "zyx", (160, 224, 224)
+    )
 
 
 def test_missing_block_is_named(tmp_path):

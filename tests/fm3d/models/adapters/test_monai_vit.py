@@ -75,6 +75,9 @@ def test_monai_vit_file_loads_and_matches_monai_outputs(tmp_path, proj_type, cla
     assert config.cls_token is classification
     assert config.source["format"] == "monai_vit"
     assert config.source["monai_proj_type"] == proj_type
+    # Fed as MONAI fed it: (x, y, z) axes at the trained size; what the file cannot say is named.
+    assert (config.axis_order, config.image_size) == ("xyz", img_size)
+    assert config.source["spec_assumed"] == ["target_spacing_mm", "hu_window", "intensity_range"]
     report = encoder.peer_weights_report
     assert report.complete and report.matched == len(encoder.state_dict())
 
@@ -144,7 +147,7 @@ def test_hints_give_heads_grid_and_perceptron_patch_that_the_file_cannot(tmp_pat
     with pytest.raises(PeerWeightsError, match="patch_size="):
         load_peer_encoder(path, state_dict=state)
     encoder = load_peer_encoder(
-        path, state_dict=state, format="monai_vit", num_heads=4, img_size=(16, 32, 32), patch_size=(4, 8, 8)
+        path, state_dict=state, format="monai_vit", num_heads=4, image_size=(16, 32, 32), patch_size=(4, 8, 8)
     ).eval()
 
     x = torch.randn(2, 1, 16, 32, 32)

@@ -82,7 +82,12 @@ def test_voco_checkpoint_loads_and_matches_swinunetr_encoder(tmp_path, how):
     assert (config.feature_size, config.depths, config.num_heads) == (12, (1, 1, 2, 1), (1, 2, 2, 4))
     assert (config.window_size, config.use_v2) == (4, True)
     assert (config.target_spacing_mm, config.hu_window) == ((1.5, 1.5, 1.5), (-175.0, 250.0))
-    assert config.source["format"] == "voco" and config.source["input_permute"] == [0, 1, 4, 3, 2]
+    spec = config.input_spec
+    assert (spec.intensity_range, spec.axis_order, spec.image_size) == ((0.0, 1.0), "xyz", (96, 96, 96))
+    # The source records provenance only; the spec lives in the spec fields, once.
+    assert config.source["format"] == "voco" and not {"input_permute", "intensity", "spacing_mm"} & set(
+        config.source
+    )
     decoder_keys = [k for k in net.state_dict() if not k.startswith(("swinViT.", "encoder"))]
     assert encoder.peer_weights_report.ignored == len(decoder_keys)
 

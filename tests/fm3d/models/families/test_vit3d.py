@@ -72,7 +72,7 @@ def test_config_hidden_layers_are_the_default():
 
 
 def test_anisotropic_patch():
-    enc = fm3d.create_encoder("vit3d_tiny", depth=1, patch_size=(4, 16, 16), img_size=(32, 256, 256)).eval()
+    enc = fm3d.create_encoder("vit3d_tiny", depth=1, patch_size=(4, 16, 16), image_size=(32, 256, 256)).eval()
     assert enc.patch_embed.proj.kernel_size == (4, 16, 16)
     assert enc.pos_embed.shape == (1, 8 * 16 * 16, 192)
     with torch.no_grad():
@@ -94,8 +94,8 @@ def test_resize_pos_embed_matches_hand_computed_trilinear():
 
 def test_forward_uses_interpolated_pos_embed():
     torch.manual_seed(0)
-    small = fm3d.create_encoder("vit3d_tiny", depth=1, img_size=(32, 32, 32)).eval()
-    big = fm3d.create_encoder("vit3d_tiny", depth=1, img_size=(64, 64, 64)).eval()
+    small = fm3d.create_encoder("vit3d_tiny", depth=1, image_size=(32, 32, 32)).eval()
+    big = fm3d.create_encoder("vit3d_tiny", depth=1, image_size=(64, 64, 64)).eval()
     state = small.state_dict()
     state["pos_embed"] = resize_pos_embed(state["pos_embed"], (2, 2, 2), (4, 4, 4))
     big.load_state_dict(state)
@@ -193,7 +193,7 @@ def test_matches_monai_vit_with_mapped_weights():
         embed_dim=48,
         num_heads=4,
         depth=2,
-        img_size=(32, 32, 64),
+        image_size=(32, 32, 64),
         cls_token=False,
         norm_eps=1e-5,
     )
