@@ -17,7 +17,7 @@ import fm3d
 
 pytestmark = pytest.mark.slow
 
-TINY = {"embed_dim": 32, "depth": 3, "num_heads": 2, "patch_size": 8, "img_size": (16, 32, 32)}
+TINY = {"embed_dim": 32, "depth": 3, "num_heads": 2, "patch_size": 8, "image_size": (16, 32, 32)}
 
 
 def test_usr1_saves_requeues_and_the_fine_tuning_resumes_to_the_end(
