@@ -33,13 +33,13 @@ import torch
 from torch import nn
 
 from downstream.base import DownstreamTask, Evaluation, StepOutput
+from downstream.data import ReportDataModule
 from downstream.registry import register_task
 from downstream.strategies import FinetuneStrategy
 from downstream.tasks.causal_lm import add_lora, load_causal_lm
 from downstream.tasks.clip_task import LanguageTaskError
 from downstream.tasks.projector import ProjectorConfig, build_projector
 from downstream.tasks.prompts import encode_prompts, load_prompt_set, read_findings
-from downstream.tasks.report_data import ReportDataModule
 from fm3d.clip import load_clip
 from fm3d.metrics.report_text import finding_f1, meteor_unavailable, text_metrics
 from fm3d.text import clean_report

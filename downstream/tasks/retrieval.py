@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from downstream.base import Evaluation, StepOutput
+from downstream.data import ReportDataModule
 from downstream.registry import register_task
 from downstream.tasks.clip_task import ClipEvalTask
 from downstream.tasks.embedding_cache import EmbeddingCache, fingerprint
-from downstream.tasks.report_data import ReportDataModule
 from fm3d.clip import ClipModel
 from fm3d.metrics.retrieval import retrieval_metrics
 

@@ -9,13 +9,12 @@ import polars as pl
 import pytest
 
 from downstream.data import (
-    AIR_HU,
     ClassificationDataModule,
     SegmentationDataModule,
     SurvivalDataModule,
     TaskDataError,
-    crop_or_pad,
 )
+from downstream.data.study_crops import AIR_HU, crop_or_pad
 
 
 def test_crop_or_pad_hand_case() -> None:
@@ -48,7 +47,7 @@ def test_patient_split_keeps_patients_together(demo_cohort: Path) -> None:
 def test_segmentation_crops_and_label_remap(demo_cohort: Path) -> None:
     module = SegmentationDataModule(
         str(demo_cohort / "cache"), label_values=[2, 1], class_names=["spleen", "liver"],
-        roi_size=(16, 32, 32), foreground_ratio=1.0, batch_size=2,
+        image_size=(16, 32, 32), foreground_ratio=1.0, batch_size=2,
         fixed_splits={"train": ["P00000_S1"], "val": ["P00000_S1"]},
     )  # fmt: skip
     module.setup("fit")

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from sklearn.metrics import label_ranking_average_precision_score
 
 from downstream.cli import build_cli
+from downstream.data.reports import read_reports, study_id_from_name
 from downstream.evaluate import main as evaluate
-from downstream.tasks.report_data import read_reports, study_id_from_name
 from downstream.tasks.retrieval import embed_texts
 from fm3d.clip import ClipConfig, ClipModel, load_clip
 from fm3d.metrics.retrieval import retrieval_metrics

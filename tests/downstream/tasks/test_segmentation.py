@@ -55,7 +55,7 @@ def _args(kit: SimpleNamespace, cache: Path, run: Path) -> list[str]:
         "--model.strategy.name", "full", "--model.lr", "3e-3", "--model.warmup_steps", "0",
         "--model.feature_size", "8", "--model.sw_batch_size", "4",
         "--data.cache", str(cache), "--data.label_values", ORGANS, "--data.class_names", NAMES,
-        "--data.roi_size", "[16, 32, 32]", "--data.batch_size", "2", "--data.num_workers", "0",
+        "--data.image_size", "[16, 32, 32]", "--data.batch_size", "2", "--data.num_workers", "0",
         "--data.samples_per_volume", "2", "--data.foreground_ratio", "1.0",
         "--data.fixed_splits", "{train: [ts0], val: [ts0], test: [ts0], predict: [ts0]}",
         "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false",
@@ -100,7 +100,7 @@ def test_segmentation_fit_evaluate_predict_on_totalsegmentator(
 def test_sliding_window_dice_matches_the_metric_on_the_full_volume(totalseg_cache: tuple[Path, Path]) -> None:
     _, cache = totalseg_cache
     task = SegmentationTask(
-        "vit3d_tiny", ["liver"], roi_size=(16, 32, 32), feature_size=8,
+        "vit3d_tiny", ["liver"], image_size=(16, 32, 32), feature_size=8,
         encoder_overrides={"embed_dim": 32, "depth": 3, "num_heads": 2, "patch_size": 8},
     ).eval()  # fmt: skip
     prepared = PreparedCache(cache)
@@ -124,7 +124,7 @@ def _demo_args(kit: SimpleNamespace, cache: Path, run: Path, *extra: str) -> lis
         "--config", str(kit.conf / "segmentation.yaml"), "--data.cache", str(cache),
         "--model.encoder", "vit3d_tiny", "--model.encoder_overrides", kit.tiny_vit,
         "--model.strategy.name", "full", "--model.feature_size", "8", "--model.sw_batch_size", "4",
-        "--data.roi_size", "[16, 32, 32]", "--data.num_workers", "0", "--data.samples_per_volume", "1",
+        "--data.image_size", "[16, 32, 32]", "--data.num_workers", "0", "--data.samples_per_volume", "1",
         "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false", *extra,
     ]  # fmt: skip

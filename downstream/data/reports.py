@@ -17,7 +17,8 @@ from typing import Any
 
 import polars as pl
 
-from downstream.data import StudyCropDataModule, TaskDataError
+from downstream.data.errors import TaskDataError
+from downstream.data.study_crops import StudyCropDataModule
 from fm3d.data.cache import PreparedCache
 
 logger = logging.getLogger(__name__)
