@@ -10,6 +10,7 @@ width is written once (in the encoder) and can never disagree.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from torch import nn
 import fm3d
 from fm3d.errors import Fm3dError
 from fm3d.models.encoder import EncoderOutput
+from fm3d.spec import InputSpec
 from pretrain.optim import OptimizerSettings, build_optimizer
 
 logger = logging.getLogger(__name__)
@@ -46,7 +48,8 @@ class PretrainModule(pl.LightningModule):
         encoder_overrides: keyword overrides of the encoder config (img/patch size,
             `attention_backend`, ...).
         objectives: name -> objective factory (YAML: `class_path` + `init_args` without
-            `embed_dim`). Each objective declares the batch keys it encodes in `views`.
+            `embed_dim`). Each objective declares the batch keys it encodes in `views` and all
+            it reads in `batch_keys`.
         loss_weights: name -> weight of that objective's loss in the total (default 1 each).
         optimizer: AdamW and schedule settings.
         grad_checkpointing: activation checkpointing inside the encoder blocks (less memory,
@@ -55,6 +58,10 @@ class PretrainModule(pl.LightningModule):
         monitor: the validation metric `best.ckpt` and the export are chosen by (default: see
             `checkpoint_monitor`), e.g. "val/clip/i2t_recall_at_5" where a loss turns early.
         monitor_mode: "min" or "max" for `monitor`.
+        input_spec: what the data feeds the encoder (`CTDataModule.input_spec`; `fm3d pretrain`
+            links it). Its fields that the encoder family's config has are config overrides, so
+            checkpoints and the exported encoder state the input the weights were trained on.
+            None: the registry's defaults.
     """
 
     def __init__(
@@ -68,6 +75,7 @@ class PretrainModule(pl.LightningModule):
         compile: bool = False,
         monitor: str | None = None,
         monitor_mode: str = "min",
+        input_spec: InputSpec | None = None,
     ) -> None:
         super().__init__()
         if not objectives:
@@ -84,7 +92,18 @@ class PretrainModule(pl.LightningModule):
         self.optimizer_settings = optimizer or OptimizerSettings()
         self.encoder_name = encoder
         self.encoder_overrides = {**(encoder_overrides or {}), "grad_checkpointing": grad_checkpointing}
-        self.encoder = fm3d.create_encoder(encoder, **self.encoder_overrides)
+        self.input_spec = input_spec
+        spec_overrides = (
+            {} if input_spec is None else _spec_overrides(encoder, self.encoder_overrides, input_spec)
+        )
+        for key, value in spec_overrides.items():
+            given = self.encoder_overrides.get(key, value)
+            if (list(given) if isinstance(given, tuple | list) else given) != value:
+                raise PretrainConfigError(
+                    f"model.encoder_overrides.{key} is {given} but the data's input spec says {value}; "
+                    f"drop {key} from model.encoder_overrides: the data module decides it"
+                )
+        self.encoder = fm3d.create_encoder(encoder, **{**self.encoder_overrides, **spec_overrides})
         embed_dim = self.encoder.embed_dim
         self.objectives = nn.ModuleDict({name: make(embed_dim) for name, make in objectives.items()})
         self.loss_weights = {name: float(loss_weights.get(name, 1.0)) for name in objectives}
@@ -94,6 +113,7 @@ class PretrainModule(pl.LightningModule):
             {
                 "encoder": encoder,
                 "encoder_overrides": self.encoder_overrides,
+                "input_spec": None if input_spec is None else input_spec.to_dict(),
                 "objectives": {name: type(obj).__name__ for name, obj in self.objectives.items()},
                 "loss_weights": self.loss_weights,
                 "optimizer": asdict(self.optimizer_settings),
@@ -122,8 +142,8 @@ class PretrainModule(pl.LightningModule):
         for view in self.views:
             if view not in batch:
                 raise PretrainConfigError(
-                    f"an objective encodes batch key {view!r} but the data module does not produce it "
-                    f"(keys: {sorted(batch)}); for VoCo views set data.init_args.voco to 'v1' or 'v2'"
+                    f"an objective encodes batch key {view!r} but the batch does not carry it "
+                    f"(keys: {sorted(batch)}); name the view that writes it in data.views"
                 )
             x = batch[view]
             inputs[view] = x.flatten(0, 1) if x.ndim == 6 else x  # [N, 1, d, h, w]
@@ -140,7 +160,7 @@ class PretrainModule(pl.LightningModule):
 
     def _shared_step(self, batch: dict, stage: str) -> torch.Tensor:
         encoded = self.encode(batch)
-        batch_size = int(batch["image"].shape[0])
+        batch_size = len(batch["study_id"])
         # Training logs per step on each rank; validation logs epoch means synchronised over ranks.
         log = {
             "on_step": stage == "train",
@@ -199,19 +219,17 @@ class PretrainModule(pl.LightningModule):
         return ("val/clip/loss", "min") if "clip" in self.objectives else ("val/loss", "min")
 
     def setup(self, stage: str) -> None:
-        """Check the objectives' sizes against the data module; record its input settings.
+        """Check the objectives against the data module: batch keys served, label sizes, input spec.
 
-        The encoder's config takes the data module's HU window and prepared spacing
-        (`encoder_input_settings`), so checkpoints and the exported encoder state the input
-        the weights were trained on rather than the registry's defaults.
+        Refused with one line naming the objective and the data setting that fixes it, before
+        any step runs. The encoder's input spec was fixed when the module was built (`input_spec`);
+        here it is only compared with the data's.
         """
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is None:
             return
-        input_settings = getattr(datamodule, "encoder_input_settings", None)
-        if callable(input_settings):
-            for key, value in input_settings().items():
-                setattr(self.encoder.config, key, tuple(value))
+        self._check_batch_keys(datamodule)
+        self._check_input_spec(datamodule)
         for name, objective in self.objectives.items():
             for size in _DATA_SIZES:
                 ours, theirs = getattr(objective, size, None), getattr(datamodule, size, None)
@@ -226,6 +244,34 @@ class PretrainModule(pl.LightningModule):
                         f"{theirs}; set model.objectives.{name}.init_args.{size}: {theirs} in the config"
                     )
 
+    def _check_batch_keys(self, datamodule) -> None:
+        served = getattr(datamodule, "batch_keys", None)
+        if served is None:
+            return
+        for name, objective in self.objectives.items():
+            needed = getattr(objective, "batch_keys", getattr(objective, "views", ("image",)))
+            for key in needed:
+                if key not in served:
+                    setting = getattr(datamodule, "setting_for", lambda k: "the data module")(key)
+                    raise PretrainConfigError(
+                        f"objective {name!r} needs batch key {key!r}, which the data module does not "
+                        f"serve (it serves {sorted(served)}); set {setting}"
+                    )
+
+    def _check_input_spec(self, datamodule) -> None:
+        data_spec = getattr(datamodule, "input_spec", None)
+        if data_spec is None:
+            return
+        config = self.encoder.config
+        for key, value in _spec_overrides(self.encoder_name, {}, data_spec, type(config)).items():
+            ours = getattr(config, key)
+            if (list(ours) if isinstance(ours, tuple) else ours) != value:
+                raise PretrainConfigError(
+                    f"the encoder's {key} is {ours} but the data's input spec says {value}; build the "
+                    "module with input_spec=datamodule.input_spec (`fm3d pretrain` links data.input_spec "
+                    "to model.input_spec)"
+                )
+
     def configure_optimizers(self):
         settings = self.optimizer_settings
         max_steps = settings.max_steps or int(self.trainer.estimated_stepping_batches)
@@ -238,6 +284,19 @@ class PretrainModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # fm3d.load_encoder(x.ckpt) rebuilds the encoder from this (core's contract).
         checkpoint["fm3d_encoder_config"] = self.encoder.config.to_dict()
+
+
+def _spec_overrides(encoder: str, overrides: dict, spec: InputSpec, config_type: type | None = None) -> dict:
+    """The spec's fields the encoder family's config has, as config overrides (JSON types).
+
+    The family's config class is read from an encoder built on the meta device under a forked
+    RNG: it costs no memory and draws no random numbers, so weight initialisation is unchanged.
+    """
+    if config_type is None:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            config_type = type(fm3d.create_encoder(encoder, **overrides).config)
+    fields = {f.name for f in dataclasses.fields(config_type)}
+    return {key: value for key, value in spec.to_dict().items() if key in fields and value is not None}
 
 
 def _split_output(output: EncoderOutput, sizes: list[int]) -> list[EncoderOutput]:
