@@ -18,10 +18,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from downstream.data.errors import TaskDataError
-from downstream.data.splits import CacheDataModule
-from downstream.data.study_crops import AIR_HU, crop_or_pad
-from downstream.label_names import LABEL_NAMES_FILE, read_label_names, resolve_classes
+from downstream.data.label_names import LABEL_NAMES_FILE, read_label_names, resolve_classes
+from downstream.data.study_crops import TASK_LOADER
+from fm3d.data.base import LoaderSettings, StudyDataModule
 from fm3d.data.cache import PreparedCache
+from fm3d.data.regions import AIR_HU, crop_or_pad
 
 
 class _SegmentationCrops(Dataset):
@@ -87,10 +88,10 @@ class _WholeVolumes(Dataset):
         return sample
 
 
-class SegmentationDataModule(CacheDataModule):
+class SegmentationDataModule(StudyDataModule):
     """Prepared CTs with label maps, for the segmentation task (see the module docstring).
 
-    Label names come from the data (`downstream.label_names`): the cache's labels.json, or the
+    Label names come from the data (`downstream.data.label_names`): the cache's labels.json, or the
     file `label_names` points to, names each label value; the config picks classes by name or by
     value, and a config whose names disagree with the data's is refused.
 
@@ -104,25 +105,26 @@ class SegmentationDataModule(CacheDataModule):
             task's sliding window has the same size).
         samples_per_volume: crops per study per epoch.
         foreground_ratio: probability that a crop is centred on a foreground voxel.
+        loader: batch size (of training crops; whole volumes load one at a time), workers, split
+            fractions, seed and fixed splits (`LoaderSettings`).
     """
+
+    predict_split = "test"
+    drop_last_train = False
 
     def __init__(
         self,
-        cache: str,
+        cache_dir: str | Path,
         label_values: list[int] | None = None,
         class_names: list[str] | None = None,
         label_names: str | None = None,
         image_size: tuple[int, int, int] = (64, 64, 64),
         samples_per_volume: int = 4,
         foreground_ratio: float = 0.67,
-        split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
-        seed: int = 0,
-        fixed_splits: dict[str, list[str]] | None = None,
-        batch_size: int = 2,
-        num_workers: int = 0,
+        loader: LoaderSettings = TASK_LOADER,
     ) -> None:
-        super().__init__(cache, split_fractions, seed, fixed_splits, batch_size, num_workers)
-        names_file = Path(label_names) if label_names is not None else Path(cache) / LABEL_NAMES_FILE
+        super().__init__(cache_dir, loader)
+        names_file = Path(label_names) if label_names is not None else self.cache_dir / LABEL_NAMES_FILE
         names = read_label_names(names_file) if label_names is not None or names_file.is_file() else None
         self.label_values, self.class_names = resolve_classes(label_values, class_names, names, names_file)
         self.image_size = tuple(image_size)
@@ -135,7 +137,7 @@ class SegmentationDataModule(CacheDataModule):
     def eligible_studies(self, cache: PreparedCache) -> list[str]:
         with_label = cache.index.filter(pl.col("label_file").is_not_null())["study_id"].to_list()
         if not with_label:
-            raise TaskDataError(f"no study in {cache.root} has a label map; add label_path to the manifest")
+            raise TaskDataError(cache.root, "no study has a label map", "add label_path to the manifest")
         return with_label
 
     def class_map(self, study_id: str) -> np.ndarray:
@@ -146,14 +148,12 @@ class SegmentationDataModule(CacheDataModule):
         out[inside] = self._lut[label[inside]]
         return out
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(_SegmentationCrops(self, self.study_ids("train")), shuffle=True)
+    def dataset(self, split: str) -> Dataset:
+        """Foreground-biased crops to train on; whole volumes to evaluate (the task slides a window)."""
+        if split == "train":
+            return _SegmentationCrops(self, self.study_ids(split))
+        return _WholeVolumes(self, self.study_ids(split))
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(_WholeVolumes(self, self.study_ids("val")), shuffle=False, batch_size=1)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(_WholeVolumes(self, self.study_ids("test")), shuffle=False, batch_size=1)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(_WholeVolumes(self, self.study_ids("predict")), shuffle=False, batch_size=1)
+    def loader(self, split: str, batch_size: int | None = None) -> DataLoader:
+        # Whole volumes differ in shape: an evaluation batch holds one.
+        return super().loader(split, batch_size or (None if split == "train" else 1))

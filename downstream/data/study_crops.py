@@ -1,50 +1,23 @@
 """One fixed-size HU crop per study plus the study's targets: the loaders of the classification,
 survival, zero-shot and language tasks.
 
-Crops that do not fit are padded with air (-1024 HU).
+Crops are centred (`fm3d.data.regions.study_crop`); training crops shift at random by up to
+`crop_shift` of their size. Crops that do not fit are padded with air (-1024 HU).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from downstream.data.splits import CacheDataModule
+from fm3d.data.base import LoaderSettings, StudyDataModule
+from fm3d.data.regions import study_crop
 
-AIR_HU = -1024.0
-
-
-def crop_or_pad(array: np.ndarray, start: tuple[int, ...], size: tuple[int, ...], fill: float) -> np.ndarray:
-    """The box [start, start + size) of a [D, H, W] array, padded with `fill` where it leaves the array."""
-    out = np.full(size, fill, dtype=array.dtype)
-    src, dst = [], []
-    for s, n, dim in zip(start, size, array.shape, strict=True):
-        lo, hi = max(s, 0), min(s + n, dim)
-        src.append(slice(lo, max(hi, lo)))
-        dst.append(slice(lo - s, lo - s + max(hi - lo, 0)))
-    out[tuple(dst)] = array[tuple(src)]
-    return out
-
-
-def centre_start(shape: tuple[int, ...], size: tuple[int, ...]) -> tuple[int, ...]:
-    """Start of a `size` box centred in `shape` (negative when the box is larger: padding)."""
-    return tuple((dim - n) // 2 for dim, n in zip(shape, size, strict=True))
-
-
-def study_crop(image: np.ndarray, size: tuple[int, ...], max_shift: float | None) -> torch.Tensor:
-    """A float32 [1, *size] HU crop of a prepared study: centred, or shifted by up to `max_shift` of its size.
-
-    The random shift is a cheap training augmentation that keeps the anatomy in view; None
-    (evaluation) keeps the crop centred.
-    """
-    start = centre_start(image.shape, size)
-    if max_shift is not None:
-        jitter = [int(torch.randint(-int(n * max_shift), int(n * max_shift) + 1, ()).item()) for n in size]
-        start = tuple(s + j for s, j in zip(start, jitter, strict=True))
-    return torch.from_numpy(crop_or_pad(image, start, size, AIR_HU).astype(np.float32))[None]
+# Downstream sets are small: a larger share of patients goes to validation and test than in
+# pretraining. A default the CLI shows (a LoaderSettings default fills any key a YAML leaves out).
+TASK_LOADER = LoaderSettings(split_fractions=(0.7, 0.15, 0.15))
 
 
 class StudyCrops(Dataset):
@@ -64,31 +37,35 @@ class StudyCrops(Dataset):
         return {"image": image, "study_id": study_id, **self.module.targets(study_id)}
 
 
-class StudyCropDataModule(CacheDataModule):
+class StudyCropDataModule(StudyDataModule):
     """Loaders of one crop per study plus the study's `targets` (labels, report) per split.
 
-    Subclasses set `image_size`, define `targets(study_id)`, and may set `crop_shift`: the
-    largest random shift of a training crop, as a share of its size.
+    Subclasses define `targets(study_id)` and may set `crop_shift`: the largest random shift of
+    a training crop, as a share of its size. "predict" loads the test split.
+
+    Args:
+        cache_dir: folder written by `fm3d prepare`.
+        image_size: (D, H, W) crop in voxels.
+        loader: batch size, workers, split fractions, seed and fixed splits (`LoaderSettings`).
     """
 
     crop_shift: ClassVar[float] = 0.25
-    image_size: tuple[int, int, int]
+    predict_split = "test"
+    # Every labelled study counts in a small downstream set: keep a ragged last training batch.
+    drop_last_train = False
+
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        image_size: tuple[int, int, int] = (64, 64, 64),
+        loader: LoaderSettings = TASK_LOADER,
+    ) -> None:
+        super().__init__(cache_dir, loader)
+        self.image_size = tuple(image_size)
 
     def targets(self, study_id: str) -> dict[str, Any]:
         """The batch entries of one study besides its image and id."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not say what a study's targets are")
 
-    def _crops(self, split: str) -> StudyCrops:
+    def dataset(self, split: str) -> StudyCrops:
         return StudyCrops(self, self.study_ids(split), train=split == "train")
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self._crops("train"), shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self._crops("val"), shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self._crops("test"), shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self._crops("predict"), shuffle=False)

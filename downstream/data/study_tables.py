@@ -3,63 +3,63 @@
 - `ClassificationDataModule`: a per-study table of binary columns (e.g. the demo cohort's
   `findings.parquet`), batch key `labels` [B, K] float and `label_mask` [B, K] bool.
 - `SurvivalDataModule`: `ehr labels` output (`tte_time`, `tte_event` list columns, `has_ehr`),
-  batch keys as in the batch contract.
+  batch keys as in the batch contract, read through fm3d's `LabelTable`.
 """
 
 from __future__ import annotations
 
 import logging
+from functools import cached_property
 from pathlib import Path
+from typing import ClassVar
 
-import numpy as np
 import polars as pl
 import torch
 
 from downstream.data.errors import TaskDataError
-from downstream.data.study_crops import StudyCropDataModule
+from downstream.data.study_crops import TASK_LOADER, StudyCropDataModule
 from ehr.errors import TaskSpecError
 from ehr.labels import read_label_description
+from fm3d.data.base import LoaderSettings
 from fm3d.data.cache import PreparedCache
+from fm3d.data.tables import LabelTable, read_table
 
 logger = logging.getLogger(__name__)
 
 
-def read_table(path: str | Path) -> pl.DataFrame:
-    """A per-study label table from parquet or CSV, with a `study_id` column."""
-    path = Path(path)
-    if not path.is_file():
-        raise TaskDataError(f"label table {path} does not exist")
-    table = pl.read_csv(path) if path.suffix == ".csv" else pl.read_parquet(path)
-    if "study_id" not in table.columns:
-        raise TaskDataError(f"label table {path} has no study_id column (columns: {table.columns})")
-    return table.with_columns(pl.col("study_id").cast(pl.String))
-
-
 class StudyTableDataModule(StudyCropDataModule):
-    """Prepared CTs joined by study_id to a per-study label table; subclasses say which columns."""
+    """Prepared CTs joined by study_id to a per-study label table (parquet or CSV); subclasses say
+    which columns are targets. Studies without a row are left out with a warning.
+
+    A table without a column of `required_columns` is refused when the module is built, with
+    `missing_columns_fix` as the fix.
+    """
+
+    required_columns: ClassVar[tuple[str, ...]] = ()
+    missing_columns_fix: ClassVar[str] = ""
 
     def __init__(
         self,
-        cache: str,
-        labels: str,
+        cache_dir: str | Path,
+        labels: str | Path,
         image_size: tuple[int, int, int] = (64, 64, 64),
-        split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
-        seed: int = 0,
-        fixed_splits: dict[str, list[str]] | None = None,
-        batch_size: int = 2,
-        num_workers: int = 0,
+        loader: LoaderSettings = TASK_LOADER,
     ) -> None:
-        super().__init__(cache, split_fractions, seed, fixed_splits, batch_size, num_workers)
-        self.labels_path = labels
-        self.image_size = tuple(image_size)
+        super().__init__(cache_dir, image_size, loader)
+        self.labels_path = Path(labels)
         self.table = read_table(labels)
+        missing = [c for c in self.required_columns if c not in self.table.columns]
+        if missing:
+            raise TaskDataError(self.labels_path, f"lacks the columns {missing}", self.missing_columns_fix)
         self._rows = {row["study_id"]: row for row in self.table.iter_rows(named=True)}
 
     def eligible_studies(self, cache: PreparedCache) -> list[str]:
         joined = [s for s in cache.study_ids if s in self._rows]
         if not joined:
             raise TaskDataError(
-                f"no study of {cache.root} appears in {self.labels_path}; the study_id values must match"
+                self.labels_path,
+                f"names no study of {cache.root}",
+                "its study_id values must be the prepared cache's (see its index.parquet)",
             )
         missing = len(cache.study_ids) - len(joined)
         if missing:
@@ -77,26 +77,21 @@ class ClassificationDataModule(StudyTableDataModule):
 
     def __init__(
         self,
-        cache: str,
-        labels: str,
+        cache_dir: str | Path,
+        labels: str | Path,
         label_columns: list[str] | None = None,
         image_size: tuple[int, int, int] = (64, 64, 64),
-        split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
-        seed: int = 0,
-        fixed_splits: dict[str, list[str]] | None = None,
-        batch_size: int = 2,
-        num_workers: int = 0,
+        loader: LoaderSettings = TASK_LOADER,
     ) -> None:
-        super().__init__(
-            cache, labels, image_size, split_fractions, seed, fixed_splits, batch_size, num_workers
-        )
+        super().__init__(cache_dir, labels, image_size, loader)
         if label_columns is None:
             label_columns = [c for c, t in self.table.schema.items() if t == pl.Boolean]
         missing = [c for c in label_columns if c not in self.table.columns]
         if missing or not label_columns:
             raise TaskDataError(
-                f"label table {labels} lacks the label columns {missing or '(no boolean columns)'}; "
-                f"columns are {self.table.columns}"
+                self.labels_path,
+                f"lacks the label columns {missing or '(no boolean columns)'} (has {self.table.columns})",
+                "list its finding columns in data.label_columns",
             )
         self.label_columns = list(label_columns)
 
@@ -120,48 +115,34 @@ class SurvivalDataModule(StudyTableDataModule):
     `task_names` come from the table's `fm3d.ehr_labels` metadata when present.
     """
 
-    def __init__(
-        self,
-        cache: str,
-        labels: str,
-        image_size: tuple[int, int, int] = (64, 64, 64),
-        split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
-        seed: int = 0,
-        fixed_splits: dict[str, list[str]] | None = None,
-        batch_size: int = 2,
-        num_workers: int = 0,
-    ) -> None:
-        super().__init__(
-            cache, labels, image_size, split_fractions, seed, fixed_splits, batch_size, num_workers
-        )
-        missing = [c for c in ("tte_time", "tte_event") if c not in self.table.columns]
-        if missing:
-            raise TaskDataError(f"label table {labels} lacks {missing}; write it with `fm3d ehr labels` ")
-        self.num_tasks = len(self.table["tte_time"][0])
-        self.task_names = _ehr_task_names(labels) or [f"task_{k}" for k in range(self.num_tasks)]
+    required_columns = ("tte_time", "tte_event")
+    missing_columns_fix = "write it with `fm3d ehr labels`"
 
-    def targets(self, study_id: str) -> dict[str, torch.Tensor]:
-        row = self._rows[study_id]
-        has_ehr = bool(row.get("has_ehr", True))
+    @cached_property
+    def outcomes(self) -> LabelTable:
+        """The tte_time / tte_event arrays and has_ehr flag of each study."""
+        return LabelTable(self.table, self.required_columns, self.labels_path)
+
+    @property
+    def num_tasks(self) -> int:
+        return self.outcomes.widths["tte_time"]
+
+    @cached_property
+    def task_names(self) -> list[str]:
+        return _ehr_task_names(self.labels_path) or [f"task_{k}" for k in range(self.num_tasks)]
+
+    def targets(self, study_id: str) -> dict[str, torch.Tensor | bool]:
+        arrays, has_ehr = self.outcomes.get(study_id)
         return {
-            "tte_time": torch.tensor(row["tte_time"], dtype=torch.float32),
-            "tte_event": torch.tensor(row["tte_event"], dtype=torch.bool),
-            "has_ehr": torch.tensor(has_ehr),
+            "tte_time": torch.from_numpy(arrays["tte_time"]),
+            "tte_event": torch.from_numpy(arrays["tte_event"]),
+            "has_ehr": has_ehr,
         }
 
-    def event_times(self, split: str = "train") -> np.ndarray:
-        """Observed event times (days) of the split's studies with EHR, all tasks pooled (for bin edges)."""
-        rows = self.table.filter(pl.col("study_id").is_in(self.study_ids(split)))
-        if "has_ehr" in rows.columns:
-            rows = rows.filter(pl.col("has_ehr"))
-        times = np.asarray(rows["tte_time"].to_list(), dtype=np.float64).reshape(-1)
-        events = np.asarray(rows["tte_event"].to_list(), dtype=bool).reshape(-1)
-        return times[events]
 
-
-def _ehr_task_names(path: str | Path) -> list[str] | None:
+def _ehr_task_names(path: Path) -> list[str] | None:
     """Task codes from the description `fm3d ehr labels` stores in the parquet, if there is one."""
-    if Path(path).suffix != ".parquet":
+    if path.suffix != ".parquet":
         return None
     try:
         description = read_label_description(path)

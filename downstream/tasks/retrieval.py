@@ -8,7 +8,8 @@ precision, as `image_to_report_recall_at_K`, `report_to_image_mAP`, ...; the rec
 Embeddings are cached on disk by study_id (`embedding_cache`, default
 `<trainer.default_root_dir>/embeddings`; see `downstream.tasks.embedding_cache`), so a second
 evaluation with the same encoder/CLIP files and crop size skips the encoder. `embed_texts` and
-`read_reports` (a CT-RATE style CSV) serve text-only retrieval, e.g. findings vs impressions.
+`fm3d.data.tables.ReportTable` (a CT-RATE style CSV) serve text-only retrieval, e.g. findings vs
+impressions.
 """
 
 from __future__ import annotations
