@@ -11,7 +11,8 @@ import torch
 from fm3d.data.base import LoaderSettings
 from fm3d.data.datamodule import CTDataModule
 from fm3d.spec import InputSpec
-from pretrain.module import PretrainConfigError, PretrainModule
+from pretrain.data_contract import PretrainConfigError
+from pretrain.module import PretrainModule
 from pretrain.objectives.phenotype import PhenotypeObjective
 from pretrain.objectives.voco import VoCoObjective
 
