@@ -35,9 +35,9 @@ from fm3d.data.collate import collate_samples
 from fm3d.data.crops import VOCO_V2
 from fm3d.data.datasets import CTDataset, SampleSpec
 from fm3d.data.prepare import prepare_cache
-from fm3d.data.preprocess import PreprocessSettings
 from fm3d.data.regions import region_start
 from fm3d.data.views import VoCoView
+from fm3d.spec import InputSpec
 
 REPO = Path(__file__).resolve().parents[1]
 CT = REPO.parent / "shared" / "data" / "ct" / "totalsegmentator" / "example_ct_sm.nii.gz"
@@ -121,9 +121,9 @@ def run(studies: int, samples: int, workdir: Path) -> str:
     pl.DataFrame(
         {"study_id": [f"ts{i:03d}" for i in range(studies)], "image_path": [str(CT)] * studies}
     ).write_parquet(manifest)
-    settings = PreprocessSettings(target_spacing_mm=SPACING, hu_window=(-1000.0, 1000.0))
+    spec = InputSpec(target_spacing_mm=SPACING, hu_window=(-1000.0, 1000.0))
     start = time.perf_counter()
-    prepare_cache(manifest, workdir / "cache", settings=settings, workers=1, progress=False)
+    prepare_cache(manifest, workdir / "cache", spec=spec, workers=1, progress=False)
     prepare_s = time.perf_counter() - start
     cache = PreparedCache(workdir / "cache")
     shape = cache.shape(cache.study_ids[0])

@@ -10,7 +10,6 @@ width is written once (in the encoder) and can never disagree.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import random
 from collections.abc import Callable
@@ -22,22 +21,15 @@ import torch
 from torch import nn
 
 import fm3d
-from fm3d.errors import Fm3dError
 from fm3d.models.encoder import EncoderOutput
 from fm3d.spec import InputSpec
+from pretrain.data_contract import PretrainConfigError, check_data_module, spec_overrides
 from pretrain.optim import OptimizerSettings, build_optimizer
 
 logger = logging.getLogger(__name__)
 
 # An objective's constructor with every argument but the first (embed_dim) given by the config.
 ObjectiveFactory = Callable[[int], nn.Module]
-
-# Sizes an objective may need that only the data knows; checked against the data module.
-_DATA_SIZES = ("num_phenotypes", "num_tasks")
-
-
-class PretrainConfigError(Fm3dError, ValueError):
-    """A pretraining run is configured inconsistently (objectives, data, weights, checkpoints)."""
 
 
 class PretrainModule(pl.LightningModule):
@@ -93,17 +85,15 @@ class PretrainModule(pl.LightningModule):
         self.encoder_name = encoder
         self.encoder_overrides = {**(encoder_overrides or {}), "grad_checkpointing": grad_checkpointing}
         self.input_spec = input_spec
-        spec_overrides = (
-            {} if input_spec is None else _spec_overrides(encoder, self.encoder_overrides, input_spec)
-        )
-        for key, value in spec_overrides.items():
+        from_spec = {} if input_spec is None else spec_overrides(encoder, self.encoder_overrides, input_spec)
+        for key, value in from_spec.items():
             given = self.encoder_overrides.get(key, value)
             if (list(given) if isinstance(given, tuple | list) else given) != value:
                 raise PretrainConfigError(
                     f"model.encoder_overrides.{key} is {given} but the data's input spec says {value}; "
                     f"drop {key} from model.encoder_overrides: the data module decides it"
                 )
-        self.encoder = fm3d.create_encoder(encoder, **{**self.encoder_overrides, **spec_overrides})
+        self.encoder = fm3d.create_encoder(encoder, **{**self.encoder_overrides, **from_spec})
         embed_dim = self.encoder.embed_dim
         self.objectives = nn.ModuleDict({name: make(embed_dim) for name, make in objectives.items()})
         self.loss_weights = {name: float(loss_weights.get(name, 1.0)) for name in objectives}
@@ -219,58 +209,14 @@ class PretrainModule(pl.LightningModule):
         return ("val/clip/loss", "min") if "clip" in self.objectives else ("val/loss", "min")
 
     def setup(self, stage: str) -> None:
-        """Check the objectives against the data module: batch keys served, label sizes, input spec.
+        """Check the objectives against the data module (`pretrain.data_contract`) before any step.
 
-        Refused with one line naming the objective and the data setting that fixes it, before
-        any step runs. The encoder's input spec was fixed when the module was built (`input_spec`);
-        here it is only compared with the data's.
+        The encoder's input spec was fixed when the module was built (`input_spec`); here it is
+        only compared with the data's.
         """
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is None:
-            return
-        self._check_batch_keys(datamodule)
-        self._check_input_spec(datamodule)
-        for name, objective in self.objectives.items():
-            for size in _DATA_SIZES:
-                ours, theirs = getattr(objective, size, None), getattr(datamodule, size, None)
-                if ours is not None and theirs == 0:
-                    raise PretrainConfigError(
-                        f"objective {name!r} needs {size} from a label table, but the data module has "
-                        "none; set data.labels to the parquet written by `fm3d ehr labels`"
-                    )
-                if ours is not None and theirs is not None and int(ours) != int(theirs):
-                    raise PretrainConfigError(
-                        f"objective {name!r} has {size}={ours} but the data module's label table has "
-                        f"{theirs}; set model.objectives.{name}.init_args.{size}: {theirs} in the config"
-                    )
-
-    def _check_batch_keys(self, datamodule) -> None:
-        served = getattr(datamodule, "batch_keys", None)
-        if served is None:
-            return
-        for name, objective in self.objectives.items():
-            needed = getattr(objective, "batch_keys", getattr(objective, "views", ("image",)))
-            for key in needed:
-                if key not in served:
-                    setting = getattr(datamodule, "setting_for", lambda k: "the data module")(key)
-                    raise PretrainConfigError(
-                        f"objective {name!r} needs batch key {key!r}, which the data module does not "
-                        f"serve (it serves {sorted(served)}); set {setting}"
-                    )
-
-    def _check_input_spec(self, datamodule) -> None:
-        data_spec = getattr(datamodule, "input_spec", None)
-        if data_spec is None:
-            return
-        config = self.encoder.config
-        for key, value in _spec_overrides(self.encoder_name, {}, data_spec, type(config)).items():
-            ours = getattr(config, key)
-            if (list(ours) if isinstance(ours, tuple) else ours) != value:
-                raise PretrainConfigError(
-                    f"the encoder's {key} is {ours} but the data's input spec says {value}; build the "
-                    "module with input_spec=datamodule.input_spec (`fm3d pretrain` links data.input_spec "
-                    "to model.input_spec)"
-                )
+        if datamodule is not None:
+            check_data_module(self.objectives, self.encoder, datamodule)
 
     def configure_optimizers(self):
         settings = self.optimizer_settings
@@ -284,19 +230,6 @@ class PretrainModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # fm3d.load_encoder(x.ckpt) rebuilds the encoder from this (core's contract).
         checkpoint["fm3d_encoder_config"] = self.encoder.config.to_dict()
-
-
-def _spec_overrides(encoder: str, overrides: dict, spec: InputSpec, config_type: type | None = None) -> dict:
-    """The spec's fields the encoder family's config has, as config overrides (JSON types).
-
-    The family's config class is read from an encoder built on the meta device under a forked
-    RNG: it costs no memory and draws no random numbers, so weight initialisation is unchanged.
-    """
-    if config_type is None:
-        with torch.random.fork_rng(devices=[]), torch.device("meta"):
-            config_type = type(fm3d.create_encoder(encoder, **overrides).config)
-    fields = {f.name for f in dataclasses.fields(config_type)}
-    return {key: value for key, value in spec.to_dict().items() if key in fields and value is not None}
 
 
 def _split_output(output: EncoderOutput, sizes: list[int]) -> list[EncoderOutput]:

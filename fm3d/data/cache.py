@@ -12,7 +12,8 @@ Index columns (`INDEX_COLUMNS`): study_id, patient_id, status ("ok" for usable r
 image_file and label_file (paths relative to ROOT; label_file null without a label),
 shape [D, H, W], spacing [D, H, W] in mm, affine (16 floats, row-major 4x4 mapping a
 [d, h, w] index to RAS world mm), hu_p1, hu_p50, hu_p99, source_path, source_hash,
-settings (JSON of the preprocessing settings), record (JSON preprocessing record, see
+settings (JSON: the spec's `target_spacing_mm` and `hu_window`, and the series chosen; read
+back as `PreparedCache.input_spec`), record (JSON preprocessing record, see
 `fm3d.data.preprocess.PreprocessRecord`), plus every extra manifest column.
 
 Images come back as read-only memory maps, so a dataset that crops before copying only
@@ -170,6 +171,14 @@ class PreparedCache:
             ) from None
         except ValueError as exc:
             raise CacheError(path, f"is not a readable .npy file ({exc})", "re-run `fm3d prepare`") from exc
+
+
+def recorded_settings(spec: InputSpec) -> dict[str, list[float]]:
+    """What a study's `settings` records of the spec it was prepared with (only these two matter there)."""
+    return {
+        "target_spacing_mm": [float(s) for s in spec.target_spacing_mm],
+        "hu_window": [float(v) for v in spec.hu_window],
+    }
 
 
 def _prepared_spec(settings: str, index_path: Path) -> InputSpec:

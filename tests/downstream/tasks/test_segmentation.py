@@ -22,8 +22,8 @@ from downstream.evaluate import main as evaluate
 from downstream.tasks.segmentation import SegmentationTask
 from fm3d.data.cache import PreparedCache
 from fm3d.data.prepare import prepare_cache
-from fm3d.data.preprocess import PreprocessSettings
 from fm3d.metrics.segmentation import dice_per_class
+from fm3d.spec import InputSpec
 
 # spleen, kidney_right, kidney_left, liver in TotalSegmentator's label map
 ORGANS = "[1, 2, 3, 5]"
@@ -44,7 +44,7 @@ def totalseg_cache(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) 
         }
     ).write_csv(manifest)
     # 6 mm keeps the run small; the predicted map must still come back on the 3 mm source grid.
-    prepare_cache(manifest, root / "cache", settings=PreprocessSettings((6.0, 6.0, 6.0)), progress=False)
+    prepare_cache(manifest, root / "cache", spec=InputSpec((6.0, 6.0, 6.0)), progress=False)
     return source / "example_ct_sm.nii.gz", root / "cache"
 
 
