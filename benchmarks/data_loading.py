@@ -31,10 +31,13 @@ import polars as pl
 import torch
 
 from fm3d.data.cache import PreparedCache
+from fm3d.data.collate import collate_samples
 from fm3d.data.crops import VOCO_V2
-from fm3d.data.datasets import CTDataset, SampleSpec, collate_samples, region_start
+from fm3d.data.datasets import CTDataset, SampleSpec
 from fm3d.data.prepare import prepare_cache
-from fm3d.data.preprocess import PreprocessSettings
+from fm3d.data.regions import region_start
+from fm3d.data.views import VoCoView
+from fm3d.spec import InputSpec
 
 REPO = Path(__file__).resolve().parents[1]
 CT = REPO.parent / "shared" / "data" / "ct" / "totalsegmentator" / "example_ct_sm.nii.gz"
@@ -118,14 +121,14 @@ def run(studies: int, samples: int, workdir: Path) -> str:
     pl.DataFrame(
         {"study_id": [f"ts{i:03d}" for i in range(studies)], "image_path": [str(CT)] * studies}
     ).write_parquet(manifest)
-    settings = PreprocessSettings(target_spacing_mm=SPACING, hu_window=(-1000.0, 1000.0))
+    spec = InputSpec(target_spacing_mm=SPACING, hu_window=(-1000.0, 1000.0))
     start = time.perf_counter()
-    prepare_cache(manifest, workdir / "cache", settings=settings, workers=1, progress=False)
+    prepare_cache(manifest, workdir / "cache", spec=spec, workers=1, progress=False)
     prepare_s = time.perf_counter() - start
     cache = PreparedCache(workdir / "cache")
     shape = cache.shape(cache.study_ids[0])
 
-    dataset = CTDataset(cache, None, SampleSpec(image_size=None, hu_window=HU_WINDOW, voco="v2"), train=True)
+    dataset = CTDataset(cache, None, SampleSpec(views=(VoCoView("v2"),), hu_window=HU_WINDOW), train=True)
 
     def fm3d_batch(i: int) -> dict:
         """What a DataLoader worker calls for one batch: CTDataset.__getitems__ + collate."""

@@ -41,7 +41,7 @@ def time_inference(encoder: str, volume: tuple[int, int, int], roi: tuple[int, i
     """Seconds per whole-volume sliding-window inference (median of `repeats`) and the model size."""
     torch.manual_seed(0)
     classes = ["organ_1", "organ_2", "organ_3", "organ_4"]
-    task = SegmentationTask(encoder, classes, roi_size=roi, overlap=overlap, sw_batch_size=2).eval()
+    task = SegmentationTask(encoder, classes, image_size=roi, overlap=overlap, sw_batch_size=2).eval()
     image = torch.rand(1, 1, *volume) * 2000 - 1000  # HU
     times = []
     with torch.inference_mode():

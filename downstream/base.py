@@ -36,7 +36,7 @@ from torch import nn
 
 import fm3d
 from downstream.strategies import FinetuneStrategy, apply_strategy, merge_lora, parameter_groups
-from fm3d.data.datasets import scale_window
+from fm3d.data.regions import scale_window
 from fm3d.errors import Fm3dError
 from fm3d.train.optim import WarmupCosine
 

@@ -23,7 +23,7 @@ from transformers.utils.logging import disable_progress_bar
 
 from fm3d.cli import summary_line
 from fm3d.cli_errors import did_you_mean, nearest_file, report
-from fm3d.data.datasets import TableError
+from fm3d.data.tables import TableError
 from fm3d.errors import Fm3dError, PathError
 from fm3d.text import clean_report, init_text_model
 

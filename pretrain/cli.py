@@ -62,6 +62,16 @@ class PretrainCLI(RunCLI):
         kept = ("fit", "validate")
         return {name: keys for name, keys in LightningCLI.subcommands().items() if name in kept}
 
+    def add_arguments_to_parser(self, parser) -> None:
+        """The run options, and the data's input spec handed to the model when both are built.
+
+        The encoder is built with the spec's spacing, window, intensity range and input size
+        as config fields (`PretrainModule(input_spec=...)`), so the weights never travel
+        without the preprocessing they were trained with.
+        """
+        super().add_arguments_to_parser(parser)
+        parser.link_arguments("data.input_spec", "model.input_spec", apply_on="instantiate")
+
     def run_callbacks(self) -> list[Callback]:
         return [ExportEncoder(), TrainingPlots(), LearningRateMonitor(logging_interval="step")]
 

@@ -21,21 +21,15 @@ import torch
 from torch import nn
 
 import fm3d
-from fm3d.errors import Fm3dError
 from fm3d.models.encoder import EncoderOutput
+from fm3d.spec import InputSpec
+from pretrain.data_contract import PretrainConfigError, check_data_module, spec_overrides
 from pretrain.optim import OptimizerSettings, build_optimizer
 
 logger = logging.getLogger(__name__)
 
 # An objective's constructor with every argument but the first (embed_dim) given by the config.
 ObjectiveFactory = Callable[[int], nn.Module]
-
-# Sizes an objective may need that only the data knows; checked against the data module.
-_DATA_SIZES = ("num_phenotypes", "num_tasks")
-
-
-class PretrainConfigError(Fm3dError, ValueError):
-    """A pretraining run is configured inconsistently (objectives, data, weights, checkpoints)."""
 
 
 class PretrainModule(pl.LightningModule):
@@ -46,7 +40,8 @@ class PretrainModule(pl.LightningModule):
         encoder_overrides: keyword overrides of the encoder config (img/patch size,
             `attention_backend`, ...).
         objectives: name -> objective factory (YAML: `class_path` + `init_args` without
-            `embed_dim`). Each objective declares the batch keys it encodes in `views`.
+            `embed_dim`). Each objective declares the batch keys it encodes in `views` and all
+            it reads in `batch_keys`.
         loss_weights: name -> weight of that objective's loss in the total (default 1 each).
         optimizer: AdamW and schedule settings.
         grad_checkpointing: activation checkpointing inside the encoder blocks (less memory,
@@ -55,6 +50,10 @@ class PretrainModule(pl.LightningModule):
         monitor: the validation metric `best.ckpt` and the export are chosen by (default: see
             `checkpoint_monitor`), e.g. "val/clip/i2t_recall_at_5" where a loss turns early.
         monitor_mode: "min" or "max" for `monitor`.
+        input_spec: what the data feeds the encoder (`CTDataModule.input_spec`; `fm3d pretrain`
+            links it). Its fields that the encoder family's config has are config overrides, so
+            checkpoints and the exported encoder state the input the weights were trained on.
+            None: the registry's defaults.
     """
 
     def __init__(
@@ -68,6 +67,7 @@ class PretrainModule(pl.LightningModule):
         compile: bool = False,
         monitor: str | None = None,
         monitor_mode: str = "min",
+        input_spec: InputSpec | None = None,
     ) -> None:
         super().__init__()
         if not objectives:
@@ -84,7 +84,16 @@ class PretrainModule(pl.LightningModule):
         self.optimizer_settings = optimizer or OptimizerSettings()
         self.encoder_name = encoder
         self.encoder_overrides = {**(encoder_overrides or {}), "grad_checkpointing": grad_checkpointing}
-        self.encoder = fm3d.create_encoder(encoder, **self.encoder_overrides)
+        self.input_spec = input_spec
+        from_spec = {} if input_spec is None else spec_overrides(encoder, self.encoder_overrides, input_spec)
+        for key, value in from_spec.items():
+            given = self.encoder_overrides.get(key, value)
+            if (list(given) if isinstance(given, tuple | list) else given) != value:
+                raise PretrainConfigError(
+                    f"model.encoder_overrides.{key} is {given} but the data's input spec says {value}; "
+                    f"drop {key} from model.encoder_overrides: the data module decides it"
+                )
+        self.encoder = fm3d.create_encoder(encoder, **{**self.encoder_overrides, **from_spec})
         embed_dim = self.encoder.embed_dim
         self.objectives = nn.ModuleDict({name: make(embed_dim) for name, make in objectives.items()})
         self.loss_weights = {name: float(loss_weights.get(name, 1.0)) for name in objectives}
@@ -94,6 +103,7 @@ class PretrainModule(pl.LightningModule):
             {
                 "encoder": encoder,
                 "encoder_overrides": self.encoder_overrides,
+                "input_spec": None if input_spec is None else input_spec.to_dict(),
                 "objectives": {name: type(obj).__name__ for name, obj in self.objectives.items()},
                 "loss_weights": self.loss_weights,
                 "optimizer": asdict(self.optimizer_settings),
@@ -122,8 +132,8 @@ class PretrainModule(pl.LightningModule):
         for view in self.views:
             if view not in batch:
                 raise PretrainConfigError(
-                    f"an objective encodes batch key {view!r} but the data module does not produce it "
-                    f"(keys: {sorted(batch)}); for VoCo views set data.init_args.voco to 'v1' or 'v2'"
+                    f"an objective encodes batch key {view!r} but the batch does not carry it "
+                    f"(keys: {sorted(batch)}); name the view that writes it in data.views"
                 )
             x = batch[view]
             inputs[view] = x.flatten(0, 1) if x.ndim == 6 else x  # [N, 1, d, h, w]
@@ -140,7 +150,7 @@ class PretrainModule(pl.LightningModule):
 
     def _shared_step(self, batch: dict, stage: str) -> torch.Tensor:
         encoded = self.encode(batch)
-        batch_size = int(batch["image"].shape[0])
+        batch_size = len(batch["study_id"])
         # Training logs per step on each rank; validation logs epoch means synchronised over ranks.
         log = {
             "on_step": stage == "train",
@@ -199,32 +209,14 @@ class PretrainModule(pl.LightningModule):
         return ("val/clip/loss", "min") if "clip" in self.objectives else ("val/loss", "min")
 
     def setup(self, stage: str) -> None:
-        """Check the objectives' sizes against the data module; record its input settings.
+        """Check the objectives against the data module (`pretrain.data_contract`) before any step.
 
-        The encoder's config takes the data module's HU window and prepared spacing
-        (`encoder_input_settings`), so checkpoints and the exported encoder state the input
-        the weights were trained on rather than the registry's defaults.
+        The encoder's input spec was fixed when the module was built (`input_spec`); here it is
+        only compared with the data's.
         """
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is None:
-            return
-        input_settings = getattr(datamodule, "encoder_input_settings", None)
-        if callable(input_settings):
-            for key, value in input_settings().items():
-                setattr(self.encoder.config, key, tuple(value))
-        for name, objective in self.objectives.items():
-            for size in _DATA_SIZES:
-                ours, theirs = getattr(objective, size, None), getattr(datamodule, size, None)
-                if ours is not None and theirs == 0:
-                    raise PretrainConfigError(
-                        f"objective {name!r} needs {size} from a label table, but the data module has "
-                        "none; set data.labels to the parquet written by `fm3d ehr labels`"
-                    )
-                if ours is not None and theirs is not None and int(ours) != int(theirs):
-                    raise PretrainConfigError(
-                        f"objective {name!r} has {size}={ours} but the data module's label table has "
-                        f"{theirs}; set model.objectives.{name}.init_args.{size}: {theirs} in the config"
-                    )
+        if datamodule is not None:
+            check_data_module(self.objectives, self.encoder, datamodule)
 
     def configure_optimizers(self):
         settings = self.optimizer_settings

@@ -36,9 +36,9 @@ DEMO_ARGS = (
 )
 SMALL = {
     ("finetune", "fit"): ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
-                          "--data.num_workers", "0"],
-    ("finetune", "predict"): ["--trainer.limit_predict_batches", "1", "--data.num_workers", "0"],
-    ("evaluate",): ["--trainer.limit_test_batches", "2", "--data.num_workers", "0"],
+                          "--data.loader.num_workers", "0"],
+    ("finetune", "predict"): ["--trainer.limit_predict_batches", "1", "--data.loader.num_workers", "0"],
+    ("evaluate",): ["--trainer.limit_test_batches", "2", "--data.loader.num_workers", "0"],
 }  # fmt: skip
 
 

@@ -33,12 +33,12 @@ import torch
 from torch import nn
 
 from downstream.base import DownstreamTask, Evaluation, StepOutput
+from downstream.data import ReportDataModule
 from downstream.heads.projector import ProjectorConfig, build_projector
 from downstream.language.causal_lm import add_lora, load_causal_lm
 from downstream.language.clip_eval import LanguageTaskError
 from downstream.language.prompts import encode_prompts, load_prompt_set, read_findings
 from downstream.registry import register_task
-from downstream.tasks.report_data import ReportDataModule
 from fm3d.clip import load_clip
 from fm3d.metrics.report_text import finding_f1, meteor_unavailable, text_metrics
 from fm3d.text import clean_report

@@ -8,7 +8,8 @@ precision, as `image_to_report_recall_at_K`, `report_to_image_mAP`, ...; the rec
 Embeddings are cached on disk by study_id (`embedding_cache`, default
 `<trainer.default_root_dir>/embeddings`; see `downstream.language.embedding_cache`), so a second
 evaluation with the same encoder/CLIP files and crop size skips the encoder. `embed_texts` and
-`read_reports` (a CT-RATE style CSV) serve text-only retrieval, e.g. findings vs impressions.
+`fm3d.data.tables.ReportTable` (a CT-RATE style CSV) serve text-only retrieval, e.g. findings vs
+impressions.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from downstream.base import Evaluation, StepOutput
+from downstream.data import ReportDataModule
 from downstream.language.clip_eval import ClipEvalTask
 from downstream.language.embedding_cache import EmbeddingCache, fingerprint
 from downstream.registry import register_task
-from downstream.tasks.report_data import ReportDataModule
 from fm3d.clip import ClipModel
 from fm3d.metrics.retrieval import retrieval_metrics
 

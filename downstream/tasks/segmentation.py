@@ -40,7 +40,8 @@ class SegmentationTask(DownstreamTask):
     Args:
         class_names: foreground class names, in label order (linked from the data module, which
             takes them from the data's labels.json).
-        roi_size: sliding-window ROI (D, H, W); divisible by the encoder's patch (32 for swin).
+        image_size: sliding-window size (D, H, W), the training crop's (linked from the data module);
+            divisible by the encoder's patch (32 for swin).
         overlap: sliding-window overlap fraction.
         sw_batch_size: windows per forward pass during inference.
         feature_size: decoder width (UNETR's feature_size; swin decoders use the encoder's).
@@ -54,14 +55,14 @@ class SegmentationTask(DownstreamTask):
     # class_names from the instantiated data module: it resolves them against the data's labels.json.
     cli_links = (
         ("data", "model.class_names", lambda data: data.class_names),
-        ("data.roi_size", "model.roi_size"),
+        ("data.image_size", "model.image_size"),
     )
 
     def __init__(
         self,
         encoder: str | nn.Module,
         class_names: list[str],
-        roi_size: tuple[int, int, int] = (64, 64, 64),
+        image_size: tuple[int, int, int] = (64, 64, 64),
         overlap: float = 0.25,
         sw_batch_size: int = 2,
         feature_size: int = 16,
@@ -72,7 +73,7 @@ class SegmentationTask(DownstreamTask):
         super().__init__(encoder, **kwargs)
         self.class_names = list(class_names)
         self.num_classes = len(self.class_names) + 1
-        self.roi_size = tuple(roi_size)
+        self.image_size = tuple(image_size)
         self.overlap = overlap
         self.sw_batch_size = sw_batch_size
         self.prediction_dir = prediction_dir
@@ -89,7 +90,7 @@ class SegmentationTask(DownstreamTask):
         """Sliding-window logits over whole HU volumes [B, 1, D, H, W] (gaussian-blended windows)."""
         return sliding_window_inference(
             self.prepare_image(image_hu),
-            roi_size=self.roi_size,
+            roi_size=self.image_size,
             sw_batch_size=self.sw_batch_size,
             predictor=self,
             overlap=self.overlap,

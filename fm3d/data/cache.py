@@ -12,7 +12,8 @@ Index columns (`INDEX_COLUMNS`): study_id, patient_id, status ("ok" for usable r
 image_file and label_file (paths relative to ROOT; label_file null without a label),
 shape [D, H, W], spacing [D, H, W] in mm, affine (16 floats, row-major 4x4 mapping a
 [d, h, w] index to RAS world mm), hu_p1, hu_p50, hu_p99, source_path, source_hash,
-settings (JSON of the preprocessing settings), record (JSON preprocessing record, see
+settings (JSON: the spec's `target_spacing_mm` and `hu_window`, and the series chosen; read
+back as `PreparedCache.input_spec`), record (JSON preprocessing record, see
 `fm3d.data.preprocess.PreprocessRecord`), plus every extra manifest column.
 
 Images come back as read-only memory maps, so a dataset that crops before copying only
@@ -22,6 +23,7 @@ touches the slab it reads.
 from __future__ import annotations
 
 import json
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ import numpy as np
 import polars as pl
 
 from fm3d.data.errors import CacheError
+from fm3d.spec import InputSpec, InputSpecError
 
 INDEX_FILE = "index.parquet"
 FAILURES_FILE = "failures.parquet"
@@ -132,6 +135,28 @@ class PreparedCache:
         """4x4 matrix mapping a [d, h, w] index of the prepared array to RAS world mm."""
         return np.asarray(self.row(study_id)["affine"], dtype=np.float64).reshape(4, 4)
 
+    @cached_property
+    def input_spec(self) -> InputSpec:
+        """The input spec the studies were prepared with: spacing and HU window (the rest default).
+
+        Read back from each study's recorded `settings`; a cache whose studies were prepared
+        with different settings has no one spec and is refused.
+        """
+        index_path = self.root / INDEX_FILE
+        specs = {_prepared_spec(s, index_path) for s in self.index["settings"].unique().to_list()}
+        if not specs:
+            raise CacheError(
+                self.root, "has no prepared studies", "see failures.parquet and re-run `fm3d prepare`"
+            )
+        if len(specs) != 1:
+            found = sorted((list(s.target_spacing_mm), list(s.hu_window)) for s in specs)
+            raise CacheError(
+                self.root,
+                f"its studies were prepared with different settings (spacing mm, HU window): {found}",
+                "prepare them again with one --spacing and --hu-window, or split the cache",
+            )
+        return specs.pop()
+
     def record(self, study_id: str) -> dict[str, Any]:
         """The preprocessing record (JSON-decoded) that `invert_preprocessing` needs."""
         return json.loads(self.row(study_id)["record"])
@@ -146,3 +171,24 @@ class PreparedCache:
             ) from None
         except ValueError as exc:
             raise CacheError(path, f"is not a readable .npy file ({exc})", "re-run `fm3d prepare`") from exc
+
+
+def recorded_settings(spec: InputSpec) -> dict[str, list[float]]:
+    """What a study's `settings` records of the spec it was prepared with (only these two matter there)."""
+    return {
+        "target_spacing_mm": [float(s) for s in spec.target_spacing_mm],
+        "hu_window": [float(v) for v in spec.hu_window],
+    }
+
+
+def _prepared_spec(settings: str, index_path: Path) -> InputSpec:
+    """The spec in one study's recorded settings JSON (keys target_spacing_mm and hu_window)."""
+    recorded = json.loads(settings)
+    try:
+        return InputSpec(target_spacing_mm=recorded["target_spacing_mm"], hu_window=recorded["hu_window"])
+    except (KeyError, InputSpecError) as exc:
+        raise CacheError(
+            index_path,
+            f"has study settings {settings} without a usable spacing and HU window ({exc})",
+            "re-run `fm3d prepare` on this folder",
+        ) from exc

@@ -18,8 +18,8 @@ from pydicom.errors import InvalidDicomError
 
 from fm3d.data.dicom_stack import Slice, checked_slice, slice_numbers, stack_slices
 from fm3d.data.errors import VolumeReadError
-from fm3d.data.io import Volume
 from fm3d.data.limits import ReadLimits, check_body_size
+from fm3d.data.volume import Volume
 
 logger = logging.getLogger(__name__)
 

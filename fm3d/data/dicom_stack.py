@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from fm3d.data.errors import VolumeReadError
-from fm3d.data.io import Volume
 from fm3d.data.limits import ReadLimits, check_array_bytes, check_geometry
+from fm3d.data.volume import Volume
 
 logger = logging.getLogger(__name__)
 

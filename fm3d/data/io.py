@@ -8,7 +8,6 @@ convention later; `fm3d.data.preprocess` turns that into fm3d's [D, H, W] canoni
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,27 +23,12 @@ from fm3d.data.limits import (
     require_regular_file,
 )
 from fm3d.data.nrrd_reader import nrrd_files, read_nrrd
+from fm3d.data.volume import Volume
 
 logger = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
-
-
-@dataclass
-class Volume:
-    """A 3D image in the file's own voxel order, with the geometry to place it in the patient.
-
-    `array` holds HU for CT (int16 when the stored values are whole numbers that fit,
-    float32 otherwise) or integer labels for label maps; `affine` maps a voxel index
-    (i, j, k) of `array` to RAS world mm; `spacing` is the voxel size along each array
-    axis in mm; `meta` records the source path, format and modality.
-    """
-
-    array: np.ndarray
-    affine: np.ndarray
-    spacing: tuple[float, float, float]
-    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def spacing_of(affine: np.ndarray) -> tuple[float, float, float]:

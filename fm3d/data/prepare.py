@@ -29,15 +29,22 @@ from typing import Any
 import polars as pl
 
 from fm3d.data import atomic, journal
-from fm3d.data.cache import FAILURES_FILE, INDEX_FILE, LABEL_NAMES_FILE, LABELS_DIR, STUDIES_DIR
+from fm3d.data.cache import (
+    FAILURES_FILE,
+    INDEX_FILE,
+    LABEL_NAMES_FILE,
+    LABELS_DIR,
+    STUDIES_DIR,
+    recorded_settings,
+)
 from fm3d.data.errors import CacheError, ManifestError, SettingsError
 from fm3d.data.limits import DEFAULT_MAX_ARRAY_BYTES, ReadLimits
 from fm3d.data.lock import output_lock
 from fm3d.data.manifest import load_manifest
-from fm3d.data.preprocess import PreprocessSettings
 from fm3d.data.study import StudyTask, failed_row, prepare_study, untouched
 from fm3d.data.workers import run_in_processes
 from fm3d.errors import Fm3dError
+from fm3d.spec import InputSpec, InputSpecError
 from fm3d.train.progress import progress as progress_lines
 
 logger = logging.getLogger(__name__)
@@ -49,7 +56,7 @@ def prepare_cache(
     manifest_path: str | Path,
     out: str | Path,
     *,
-    settings: PreprocessSettings | None = None,
+    spec: InputSpec | None = None,
     workers: int = 1,
     series_uid_column: str | None = None,
     progress: bool = True,
@@ -61,7 +68,7 @@ def prepare_cache(
     unusable manifest and `CacheError` for an `out` that cannot be a folder; study failures are
     counted and listed in failures.parquet instead.
     """
-    settings = settings or PreprocessSettings()
+    spec = spec or InputSpec()
     limits = limits or ReadLimits()
     if workers < 1:
         raise SettingsError(f"workers must be at least 1, got {workers}")
@@ -72,7 +79,7 @@ def prepare_cache(
     label_names = _label_names(Path(manifest_path).parent / LABEL_NAMES_FILE)
     _make_folder(out)
     with output_lock(out):
-        counts = _prepare_locked(manifest, out, settings, limits, workers, progress)
+        counts = _prepare_locked(manifest, out, spec, limits, workers, progress)
         if label_names is not None:
             atomic.write_json(out / LABEL_NAMES_FILE, label_names)
     return counts
@@ -93,7 +100,7 @@ def _make_folder(out: Path) -> None:
 def _prepare_locked(
     manifest: pl.DataFrame,
     out: Path,
-    settings: PreprocessSettings,
+    spec: InputSpec,
     limits: ReadLimits,
     workers: int,
     progress: bool,
@@ -108,7 +115,7 @@ def _prepare_locked(
     tasks = []
     for row in manifest.iter_rows(named=True):
         task_settings = json.dumps(
-            {**settings.to_dict(), "series_uid": row.get("series_uid")}, sort_keys=True
+            {**recorded_settings(spec), "series_uid": row.get("series_uid")}, sort_keys=True
         )
         tasks.append(
             StudyTask(
@@ -129,7 +136,7 @@ def _prepare_locked(
     bar = progress_lines(
         total=len(tasks), initial=counts["skipped"], desc="fm3d prepare", unit="study", disable=not progress
     )
-    for row in _run(pending, out, settings, limits, workers):
+    for row in _run(pending, out, spec, limits, workers):
         outcome = row.pop("outcome")
         counts[outcome] += 1
         results[row["study_id"]] = row
@@ -165,18 +172,18 @@ def _label_names(source: Path) -> dict[str, Any] | None:
     return names
 
 
-def _run(tasks: list[StudyTask], out: Path, settings: PreprocessSettings, limits: ReadLimits, workers: int):
+def _run(tasks: list[StudyTask], out: Path, spec: InputSpec, limits: ReadLimits, workers: int):
     """Results of `prepare_study` in completion order, from this process or a pool of processes."""
     if workers <= 1 or len(tasks) <= 1:  # a pool costs a fork server and worker start-up
         for task in tasks:
-            yield prepare_study(task, out, settings, limits)
+            yield prepare_study(task, out, spec, limits)
         return
     # Not plain fork: a parent that already ran torch (OpenMP threads) can deadlock forked children.
     # A fork server imports the readers once, then forks each worker from that clean process.
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["fm3d.data.study"])
     yield from run_in_processes(
-        partial(prepare_study, out=out, settings=settings, limits=limits),
+        partial(prepare_study, out=out, spec=spec, limits=limits),
         tasks,
         workers,
         failed=partial(failed_row, out=out),
@@ -246,18 +253,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _checked(args: argparse.Namespace) -> tuple[PreprocessSettings, ReadLimits]:
-    """The settings the flags ask for, refused (naming the flag) before any file is touched."""
+def _checked(args: argparse.Namespace) -> tuple[InputSpec, ReadLimits]:
+    """The spec and limits the flags ask for, refused (naming the flag) before any file is touched."""
     try:
-        settings = PreprocessSettings(tuple(args.spacing), tuple(args.hu_window))
-    except SettingsError as exc:
+        spec = InputSpec(target_spacing_mm=tuple(args.spacing), hu_window=tuple(args.hu_window))
+    except InputSpecError as exc:
         raise SettingsError(f"--spacing / --hu-window: {exc}") from None
     if args.workers < 1:
         raise SettingsError(f"--workers must be at least 1, got {args.workers}")
     if not (math.isfinite(args.max_gib) and args.max_gib > 0):
         raise SettingsError(f"--max-gib must be a positive number of GiB, got {args.max_gib}")
     limits = ReadLimits(int(args.max_gib * 2**30), allow_external_data=args.allow_external_data)
-    return settings, limits
+    return spec, limits
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,11 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
     try:
-        settings, limits = _checked(args)
+        spec, limits = _checked(args)
         counts = prepare_cache(
             args.manifest,
             args.out,
-            settings=settings,
+            spec=spec,
             workers=args.workers,
             series_uid_column=args.series_uid_column,
             progress=not args.no_progress,

@@ -11,7 +11,6 @@ the original file's grid (`invert_preprocessing`).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -20,48 +19,16 @@ import torch
 import torch.nn.functional as F
 from nibabel import orientations
 
-from fm3d.data.errors import SettingsError, VolumeReadError
-from fm3d.data.io import Volume
-from fm3d.data.limits import MAX_SPACING_MM, MIN_SPACING_MM, ReadLimits, check_array_bytes
+from fm3d.data.errors import VolumeReadError
+from fm3d.data.limits import ReadLimits, check_array_bytes
+from fm3d.data.volume import Volume
+from fm3d.spec import InputSpec
 
 RECORD_VERSION = 1
 # A spacing this close to the target (mm) is left alone, so already-prepared data is copied exactly.
 SPACING_ATOL_MM = 1e-3
 # Index (d, h, w) of the canonical array is index (x, y, z) = (w, h, d) of nibabel's canonical array.
 _DHW_TO_XYZ = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
-
-
-@dataclass(frozen=True)
-class PreprocessSettings:
-    """What a prepared grid means: spacing (D, H, W) in mm and the HU window it was clipped to."""
-
-    target_spacing_mm: tuple[float, float, float] = (3.0, 1.5, 1.5)
-    hu_window: tuple[float, float] = (-1000.0, 1000.0)
-
-    def __post_init__(self) -> None:
-        spacing = self.target_spacing_mm
-        if len(spacing) != 3 or not all(
-            math.isfinite(s) and MIN_SPACING_MM <= s <= MAX_SPACING_MM for s in spacing
-        ):
-            raise SettingsError(
-                f"target spacing must be three mm values (D, H, W) between {MIN_SPACING_MM} and "
-                f"{MAX_SPACING_MM}, got {tuple(spacing)}"
-            )
-        if len(self.hu_window) != 2:
-            raise SettingsError(f"HU window must be (low, high), got {tuple(self.hu_window)}")
-        lo, hi = self.hu_window
-        # `not lo < hi` is also true for NaN.
-        if not lo < hi or lo < np.iinfo(np.int16).min or hi > np.iinfo(np.int16).max:
-            raise SettingsError(
-                f"HU window must be (low, high) with low < high inside int16 (-32768..32767), "
-                f"got {tuple(self.hu_window)}"
-            )
-
-    def to_dict(self) -> dict[str, list[float]]:
-        return {
-            "target_spacing_mm": [float(s) for s in self.target_spacing_mm],
-            "hu_window": [float(v) for v in self.hu_window],
-        }
 
 
 @dataclass(frozen=True)
@@ -176,31 +143,34 @@ def resampled_affine(
 
 def preprocess(
     volume: Volume,
-    settings: PreprocessSettings | None = None,
+    spec: InputSpec | None = None,
     *,
     label: Volume | None = None,
     limits: ReadLimits | None = None,
 ) -> PreparedVolume:
     """Bring a CT (and its label map, on the same grid) to fm3d's canonical prepared form.
 
+    Of the input spec only `target_spacing_mm` and `hu_window` matter here; intensity scaling,
+    axis order and input size are the sampler's (`fm3d.data.views`).
+
     The resampled grid is checked against `limits.max_array_bytes` before it is allocated,
     so a header with a huge spacing cannot turn into a huge array.
     """
-    settings = settings or PreprocessSettings()
+    spec = spec or InputSpec()
     limits = limits or ReadLimits()
     if label is not None:
         _check_same_grid(volume, label)
     canonical, canonical_affine, ornt = to_canonical(volume.array, volume.affine)
     canonical_spacing = tuple(float(x) for x in np.linalg.norm(canonical_affine[:3, :3], axis=0))
-    shape = resampled_shape(canonical.shape, canonical_spacing, settings.target_spacing_mm)
+    shape = resampled_shape(canonical.shape, canonical_spacing, spec.target_spacing_mm)
     check_array_bytes(
         volume.meta.get("source", "volume"),
         shape,
         4,  # the float32 interpolation output, the largest array resampling allocates
         limits,
-        f"a resampled grid at {list(settings.target_spacing_mm)} mm",
+        f"a resampled grid at {list(spec.target_spacing_mm)} mm",
     )
-    lo, hi = settings.hu_window
+    lo, hi = spec.hu_window
     # Clip before interpolating so out-of-window values (e.g. -3024 outside the scan circle)
     # cannot drag in-window edges; interpolation of clipped values stays inside the window.
     clipped = np.clip(canonical.astype(np.float32), lo, hi)
@@ -219,7 +189,7 @@ def preprocess(
         shape=tuple(int(n) for n in shape),
         spacing=tuple(float(x) for x in np.linalg.norm(affine[:3, :3], axis=0)),
         affine=tuple(float(x) for x in affine.ravel()),
-        target_spacing_mm=tuple(float(s) for s in settings.target_spacing_mm),
+        target_spacing_mm=tuple(float(s) for s in spec.target_spacing_mm),
         hu_window=(float(lo), float(hi)),
     )
     return PreparedVolume(image=image, label=prepared_label, record=record)

@@ -20,7 +20,8 @@ from fm3d.data import atomic, journal
 from fm3d.data.cache import LABELS_DIR, STUDIES_DIR
 from fm3d.data.io import read_label, read_volume, source_files
 from fm3d.data.limits import ReadLimits
-from fm3d.data.preprocess import PreprocessSettings, preprocess
+from fm3d.data.preprocess import preprocess
+from fm3d.spec import InputSpec
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class StudyTask:
 
 
 def prepare_study(
-    task: StudyTask, out: Path, settings: PreprocessSettings, limits: ReadLimits | None = None
+    task: StudyTask, out: Path, spec: InputSpec, limits: ReadLimits | None = None
 ) -> dict[str, Any]:
     """Prepare one study (or confirm it is up to date) and journal its index row.
 
@@ -66,7 +67,7 @@ def prepare_study(
                 "skipped",
             )
         else:
-            row.update(_prepare_arrays(task, out, settings, limits))
+            row.update(_prepare_arrays(task, out, spec, limits))
             row.update(status="ok", error=None)
             outcome = "prepared"
     except Exception as exc:  # any failure of one study is recorded, never allowed to stop the run
@@ -146,12 +147,10 @@ def _output_stat(out: Path, files: list[str]) -> str:
     return json.dumps([[f, st.st_size, st.st_mtime_ns] for f, st in stats])
 
 
-def _prepare_arrays(
-    task: StudyTask, out: Path, settings: PreprocessSettings, limits: ReadLimits
-) -> dict[str, Any]:
+def _prepare_arrays(task: StudyTask, out: Path, spec: InputSpec, limits: ReadLimits) -> dict[str, Any]:
     volume = read_volume(task.image_path, series_uid=task.series_uid, limits=limits)
     label = read_label(task.label_path, limits=limits) if task.label_path else None
-    prepared = preprocess(volume, settings, label=label, limits=limits)
+    prepared = preprocess(volume, spec, label=label, limits=limits)
     image_file = f"{STUDIES_DIR}/{task.study_id}.npy"
     atomic.save_npy(out / image_file, prepared.image)
     label_file = None

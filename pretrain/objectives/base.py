@@ -4,6 +4,8 @@ An objective is a plain `nn.Module` (it works without Lightning) that owns its h
 loss. The PretrainModule owns the one shared encoder; it reads `objective.views`, encodes
 those batch entries once, and calls `objective(batch, encoded)`:
 
+- `batch_keys` names every batch key the objective reads (its views included); the
+  PretrainModule refuses, before the first step, a data module that does not serve them.
 - `views` names batch keys holding images. `"image"` is `[B, 1, D, H, W]`. VoCo's
   `"voco_bases"` `[B, K, 1, d, h, w]` and `"voco_crops"` `[B, R, 1, d, h, w]` are flattened by
   the caller to `[B*K, 1, d, h, w]` / `[B*R, 1, d, h, w]` (sample-major: rows `b*K .. b*K+K-1`
@@ -41,6 +43,7 @@ class Objective(nn.Module):
 
     name: str = "objective"
     views: tuple[str, ...] = ("image",)
+    batch_keys: tuple[str, ...] = ("image",)
 
     def forward(
         self, batch: Mapping[str, object], encoded: Mapping[str, EncoderOutput]

@@ -104,6 +104,7 @@ class ClipObjective(Objective):
 
     name = "clip"
     views = ("image",)
+    batch_keys = ("image", "report")
 
     def __init__(
         self,

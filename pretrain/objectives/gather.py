@@ -65,12 +65,3 @@ def gather_rows(x: torch.Tensor, with_grad: bool) -> tuple[torch.Tensor, int]:
         dist.all_gather(parts, padded.contiguous())
     gathered = torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)], dim=0)
     return gathered, sum(counts[:rank])
-
-
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum of `x` over ranks (no gradient), `x` itself outside a process group."""
-    if not distributed():
-        return x
-    x = x.detach().clone()
-    dist.all_reduce(x, op=dist.ReduceOp.SUM)
-    return x

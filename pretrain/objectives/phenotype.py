@@ -62,6 +62,7 @@ class PhenotypeObjective(Objective):
 
     name = "phenotype"
     views = ("image",)
+    batch_keys = ("image", "phenotype")
 
     def __init__(self, embed_dim: int, num_phenotypes: int) -> None:
         super().__init__()

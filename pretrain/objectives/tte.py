@@ -70,6 +70,7 @@ class TimeToEventObjective(Objective):
 
     name = "tte"
     views = ("image",)
+    batch_keys = ("image", "tte_time", "tte_event")
 
     def __init__(
         self,

@@ -131,6 +131,7 @@ class VoCoObjective(Objective):
 
     name = "voco"
     views = ("voco_crops", "voco_bases")
+    batch_keys = ("voco_crops", "voco_bases", "voco_labels")
 
     def __init__(
         self,

@@ -33,9 +33,10 @@ def fitted(demo_cohort: Path, tmp_path_factory: pytest.TempPathFactory, cli_kit)
     studies = pl.read_parquet(demo_cohort / "manifest.parquet")["study_id"].to_list()
     args = [
         "--config", str(cli_kit.conf / "classification.yaml"), "--model.encoder", str(export),
-        "--data.cache", str(demo_cohort / "cache"), "--data.labels", str(demo_cohort / "findings.parquet"),
-        "--data.image_size", "[16, 32, 32]", "--data.num_workers", "0", "--data.batch_size", "4",
-        "--data.fixed_splits", f"{{train: {studies[:6]}, val: {studies}, test: {studies}}}",
+        "--data.cache_dir", str(demo_cohort / "cache"),
+        "--data.labels", str(demo_cohort / "findings.parquet"), "--data.image_size", "[16, 32, 32]",
+        "--data.loader.num_workers", "0", "--data.loader.batch_size", "4",
+        "--data.loader.fixed_splits", f"{{train: {studies[:6]}, val: {studies}, test: {studies}}}",
         "--runs_root", str(tmp / "runs"),
     ]  # fmt: skip
     command = [sys.executable, "-m", "fm3d.cli", "finetune", "fit", *args]

@@ -28,7 +28,7 @@ def test_help_with_a_config_lists_the_task_options(cli_kit, capsys) -> None:
         evaluate(["--config", str(cli_kit.conf / "classification.yaml"), "--help"])
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
-    assert "--model.pos_weight" in printed and "--data.cache" in printed and "--runs_root" in printed
+    assert "--model.pos_weight" in printed and "--data.cache_dir" in printed and "--runs_root" in printed
 
 
 def test_no_arguments_is_a_usage_error(capsys) -> None:

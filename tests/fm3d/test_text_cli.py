@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from fm3d.data.datasets import TableError
+from fm3d.data.tables import TableError
 from fm3d.text import TextTower
 from fm3d.text_cli import main, read_texts
 

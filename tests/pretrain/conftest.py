@@ -171,12 +171,13 @@ def tiny_run_config(
         "data": {
             "cache_dir": str(cohort["cache"]),
             "labels": str(cohort["labels"]),
-            "image_size": [16, 16, 16],
+            "views": {
+                "image": {"size": [16, 16, 16]},
+                **({"voco": {"geometry": "tiny"}} if "voco" in objectives else {}),
+            },
             "hu_window": [-175, 250],
             "intensity_range": [-1, 1],
-            "voco": "tiny" if "voco" in objectives else None,
-            "batch_size": 4,
-            "num_workers": 0,
+            "loader": {"batch_size": 4, "num_workers": 0},
         },
     }
     path.write_text(json.dumps(config, indent=1))  # JSON is YAML

@@ -28,6 +28,7 @@ from mlflow import MlflowClient
 import fm3d
 from fm3d.cli import main as fm3d_main
 from fm3d.clip import load_clip
+from fm3d.data.base import LoaderSettings
 from fm3d.data.datamodule import CTDataModule
 from fm3d.metrics.retrieval import recall_at_k
 from fm3d.text_cli import main as text_model_main
@@ -89,7 +90,8 @@ def test_demo_run_retrieves_held_out_reports_and_ranks_risk(tmp_path: Path) -> N
         return max(history, key=lambda m: m.step).value
 
     # Recompute image->report R@5 on the held-out studies from the exported folders.
-    data = CTDataModule(**{**config["data"], "augment": False})
+    settings = config["data"]
+    data = CTDataModule(**{**settings, "augment": False, "loader": LoaderSettings(**settings["loader"])})
     data.setup("validate")
     encoder = fm3d.load_encoder(run_dir / "export" / "encoder").eval()
     clip = load_clip(run_dir / "export" / "clip").eval()

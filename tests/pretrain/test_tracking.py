@@ -54,7 +54,7 @@ def test_the_local_store_holds_config_metrics_plots_and_export(tracked_run: Path
     run = _only_run(client, "pretrain/test")
     assert (tracked_run / RUN_ID_FILE).read_text() == run.info.run_id
     assert run.data.params["model.encoder"] == "vit3d_tiny"
-    assert run.data.params["data.batch_size"] == "4"
+    assert run.data.params["data.loader.batch_size"] == "4"
     # The total is the weighted sum of the objective losses at every logged step (weights 1).
     total = client.get_metric_history(run.info.run_id, "train/loss")
     parts = [client.get_metric_history(run.info.run_id, f"train/{n}/loss") for n in ("clip", "phenotype")]

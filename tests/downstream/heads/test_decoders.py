@@ -105,7 +105,9 @@ def test_a_registered_decoder_is_picked_by_name(monkeypatch: pytest.MonkeyPatch)
         lambda encoder, num_classes, feature_size: PooledConv(encoder.embed_dim, num_classes)
     )
     assert {"pooled_conv", "swin_unetr", "unetr"} <= set(decoders.list_decoders())
-    encoder = fm3d.create_encoder("vit3d_tiny", embed_dim=32, depth=2, num_heads=2, patch_size=8, img_size=16)
+    encoder = fm3d.create_encoder(
+        "vit3d_tiny", embed_dim=32, depth=2, num_heads=2, patch_size=8, image_size=16
+    )
     default, _ = build_decoder(encoder, num_classes=2)
     assert isinstance(default, UNETRDecoder)  # vit3d declares unetr
     decoder, hidden_layers = build_decoder(encoder, num_classes=2, name="pooled_conv")

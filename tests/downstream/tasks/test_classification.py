@@ -31,9 +31,10 @@ def test_classification_fit_and_evaluate_through_the_cli(
     run = tmp_path / "run"
     args = [
         "--config", str(cli_kit.conf / "classification.yaml"), "--model.encoder", str(export),
-        "--data.cache", str(demo_cohort / "cache"), "--data.labels", str(demo_cohort / "findings.parquet"),
-        "--data.image_size", "[16, 32, 32]", "--data.num_workers", "0", "--data.batch_size", "4",
-        "--data.fixed_splits", f"{{train: {studies[:6]}, val: {studies}, test: {studies}}}",
+        "--data.cache_dir", str(demo_cohort / "cache"),
+        "--data.labels", str(demo_cohort / "findings.parquet"), "--data.image_size", "[16, 32, 32]",
+        "--data.loader.num_workers", "0", "--data.loader.batch_size", "4",
+        "--data.loader.fixed_splits", f"{{train: {studies[:6]}, val: {studies}, test: {studies}}}",
         "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false",
     ]  # fmt: skip
     assert finetune(["fit", *args, "--trainer.max_epochs", "2"]) == 0

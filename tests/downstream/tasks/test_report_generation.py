@@ -122,9 +122,9 @@ def test_stage_one_two_and_evaluate_through_the_cli(
         "--config", str(cli_kit.conf / "report_generation.yaml"), "--model.encoder", str(kit.encoder),
         "--model.language_model", str(kit.lm["gpt2"]), "--model.finding_reader", str(kit.clip),
         "--model.projector.pool_grid", "[1, 2, 2]", "--model.max_new_tokens", "12", "--model.lr", "0.01",
-        "--model.warmup_steps", "0", "--data.cache", str(kit.cache), "--data.image_size", "[16, 32, 32]",
-        "--data.num_workers", "0", "--data.batch_size", "2",
-        "--data.fixed_splits", f"{{train: {studies[:6]}, val: {studies[6:]}, test: {studies[6:]}}}",
+        "--model.warmup_steps", "0", "--data.cache_dir", str(kit.cache), "--data.image_size", "[16, 32, 32]",
+        "--data.loader.num_workers", "0", "--data.loader.batch_size", "2",
+        "--data.loader.fixed_splits", f"{{train: {studies[:6]}, val: {studies[6:]}, test: {studies[6:]}}}",
         "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
     ]  # fmt: skip
     stage1 = tmp_path / "stage1"

@@ -15,9 +15,9 @@ from sklearn.metrics import label_ranking_average_precision_score
 
 from downstream.cli import build_cli
 from downstream.evaluate import main as evaluate
-from downstream.tasks.report_data import read_reports, study_id_from_name
 from downstream.tasks.retrieval import embed_texts
 from fm3d.clip import ClipConfig, ClipModel, load_clip
+from fm3d.data.tables import ReportTable, study_id_from_name
 from fm3d.metrics.retrieval import retrieval_metrics
 from fm3d.text import TextTower, init_text_model
 
@@ -34,8 +34,9 @@ def cli_args(kit: SimpleNamespace, conf, run, cache) -> list[str]:
     return [
         "--config", str(conf / "retrieval.yaml"), "--model.encoder", str(kit.encoder),
         "--model.clip", str(kit.clip), "--model.embedding_cache", str(cache),
-        "--data.cache", str(kit.cache), "--data.image_size", "[16, 32, 32]", "--data.num_workers", "0",
-        "--data.batch_size", "3", "--data.fixed_splits", f"{{test: {kit.studies}}}",
+        "--data.cache_dir", str(kit.cache), "--data.image_size", "[16, 32, 32]",
+        "--data.loader.num_workers", "0",
+        "--data.loader.batch_size", "3", "--data.loader.fixed_splits", f"{{test: {kit.studies}}}",
         "--data.report_columns", "[findings, impression]",  # the kit's CLIP text (the YAML reads impressions)
         "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false",
     ]  # fmt: skip
@@ -117,9 +118,13 @@ def test_embedding_cache_is_reused_and_invalidated(
 def test_report_csv_tokenisation_and_text_retrieval_on_ct_rate(shared_data, tmp_path) -> None:
     path = shared_data / CT_RATE
     raw = pl.read_csv(path)
-    findings = read_reports(path, ["Findings_EN"], id_column="VolumeName")
-    impressions = read_reports(path, ["Impressions_EN"], id_column="VolumeName")
-    both = read_reports(path, ["Findings_EN", "Impressions_EN"], id_column="VolumeName")
+    findings, impressions, both = (
+        {s: table.get(s) for s in table.study_ids_with_text()}
+        for table in (
+            ReportTable.read(path, columns, id_column="VolumeName")
+            for columns in (["Findings_EN"], ["Impressions_EN"], ["Findings_EN", "Impressions_EN"])
+        )
+    )
     assert study_id_from_name("valid_1_a_1.nii.gz") == "valid_1_a_1"
     assert set(both) == {study_id_from_name(v) for v in raw["VolumeName"]}
     first = raw.row(0, named=True)
@@ -171,7 +176,7 @@ def test_retrieval_reads_a_ct_rate_style_report_csv(
     args = cli_args(language_kit, cli_kit.conf, tmp_path / "run", tmp_path / "embeddings")
     args += ["--data.reports", str(csv), "--data.id_column", "VolumeName"]
     args += ["--data.report_columns", "[Findings_EN, Impressions_EN]"]
-    args += ["--data.fixed_splits", f"{{test: {language_kit.studies[:6]}}}"]
+    args += ["--data.loader.fixed_splits", f"{{test: {language_kit.studies[:6]}}}"]
     task = build_cli(["test", *args]).model
     assert "gallery_size" not in task.evaluation.metrics  # a count: in the table, not a metric
     assert set(task.evaluation.tables["recall_at_k"]["gallery_size"].to_list()) == {6}

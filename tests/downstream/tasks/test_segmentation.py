@@ -17,13 +17,13 @@ import yaml
 import fm3d
 from downstream.cli import main as finetune
 from downstream.data import SegmentationDataModule
+from downstream.data.label_names import LabelNamesError
 from downstream.evaluate import main as evaluate
-from downstream.label_names import LabelNamesError
 from downstream.tasks.segmentation import SegmentationTask
 from fm3d.data.cache import PreparedCache
 from fm3d.data.prepare import prepare_cache
-from fm3d.data.preprocess import PreprocessSettings
 from fm3d.metrics.segmentation import dice_per_class
+from fm3d.spec import InputSpec
 
 # spleen, kidney_right, kidney_left, liver in TotalSegmentator's label map
 ORGANS = "[1, 2, 3, 5]"
@@ -44,7 +44,7 @@ def totalseg_cache(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) 
         }
     ).write_csv(manifest)
     # 6 mm keeps the run small; the predicted map must still come back on the 3 mm source grid.
-    prepare_cache(manifest, root / "cache", settings=PreprocessSettings((6.0, 6.0, 6.0)), progress=False)
+    prepare_cache(manifest, root / "cache", spec=InputSpec((6.0, 6.0, 6.0)), progress=False)
     return source / "example_ct_sm.nii.gz", root / "cache"
 
 
@@ -54,10 +54,11 @@ def _args(kit: SimpleNamespace, cache: Path, run: Path) -> list[str]:
         "--model.encoder", "vit3d_tiny", "--model.encoder_overrides", kit.tiny_vit,
         "--model.strategy.name", "full", "--model.lr", "3e-3", "--model.warmup_steps", "0",
         "--model.feature_size", "8", "--model.sw_batch_size", "4",
-        "--data.cache", str(cache), "--data.label_values", ORGANS, "--data.class_names", NAMES,
-        "--data.roi_size", "[16, 32, 32]", "--data.batch_size", "2", "--data.num_workers", "0",
+        "--data.cache_dir", str(cache), "--data.label_values", ORGANS, "--data.class_names", NAMES,
+        "--data.image_size", "[16, 32, 32]",
+        "--data.loader.batch_size", "2", "--data.loader.num_workers", "0",
         "--data.samples_per_volume", "2", "--data.foreground_ratio", "1.0",
-        "--data.fixed_splits", "{train: [ts0], val: [ts0], test: [ts0], predict: [ts0]}",
+        "--data.loader.fixed_splits", "{train: [ts0], val: [ts0], test: [ts0], predict: [ts0]}",
         "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false",
     ]  # fmt: skip
@@ -100,7 +101,7 @@ def test_segmentation_fit_evaluate_predict_on_totalsegmentator(
 def test_sliding_window_dice_matches_the_metric_on_the_full_volume(totalseg_cache: tuple[Path, Path]) -> None:
     _, cache = totalseg_cache
     task = SegmentationTask(
-        "vit3d_tiny", ["liver"], roi_size=(16, 32, 32), feature_size=8,
+        "vit3d_tiny", ["liver"], image_size=(16, 32, 32), feature_size=8,
         encoder_overrides={"embed_dim": 32, "depth": 3, "num_heads": 2, "patch_size": 8},
     ).eval()  # fmt: skip
     prepared = PreparedCache(cache)
@@ -121,10 +122,11 @@ def test_sliding_window_dice_matches_the_metric_on_the_full_volume(totalseg_cach
 def _demo_args(kit: SimpleNamespace, cache: Path, run: Path, *extra: str) -> list[str]:
     """The shipped segmentation.yaml on the demo cache, with a tiny encoder and crops."""
     return [
-        "--config", str(kit.conf / "segmentation.yaml"), "--data.cache", str(cache),
+        "--config", str(kit.conf / "segmentation.yaml"), "--data.cache_dir", str(cache),
         "--model.encoder", "vit3d_tiny", "--model.encoder_overrides", kit.tiny_vit,
         "--model.strategy.name", "full", "--model.feature_size", "8", "--model.sw_batch_size", "4",
-        "--data.roi_size", "[16, 32, 32]", "--data.num_workers", "0", "--data.samples_per_volume", "1",
+        "--data.image_size", "[16, 32, 32]", "--data.loader.num_workers", "0",
+        "--data.samples_per_volume", "1",
         "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false", *extra,
     ]  # fmt: skip

@@ -31,9 +31,10 @@ def test_survival_fit_and_evaluate_through_the_cli(
         "--config", str(cli_kit.conf / "survival.yaml"),
         "--model.encoder", "vit3d_tiny", "--model.encoder_overrides", cli_kit.tiny_vit,
         "--model.strategy.name", "lora", "--model.strategy.lora_rank", "2", "--model.num_bins", "3",
-        "--data.cache", str(demo_cohort / "cache"), "--data.labels", str(demo_cohort / "tte.parquet"),
-        "--data.image_size", "[16, 32, 32]", "--data.num_workers", "0", "--data.batch_size", "4",
-        "--data.fixed_splits", f"{{train: {studies}, val: {studies}, test: {studies}}}",
+        "--data.cache_dir", str(demo_cohort / "cache"), "--data.labels", str(demo_cohort / "tte.parquet"),
+        "--data.image_size", "[16, 32, 32]",
+        "--data.loader.num_workers", "0", "--data.loader.batch_size", "4",
+        "--data.loader.fixed_splits", f"{{train: {studies}, val: {studies}, test: {studies}}}",
         "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false",
     ]  # fmt: skip
     assert finetune(["fit", *args, "--trainer.max_epochs", "2"]) == 0

@@ -69,10 +69,10 @@ def test_zero_shot_through_the_cli(language_kit: SimpleNamespace, cli_kit: Simpl
     cohort, run = language_kit.cohort, tmp_path / "run"
     args = [
         "--config", str(cli_kit.conf / "zero_shot.yaml"), "--model.encoder", str(language_kit.encoder),
-        "--model.clip", str(language_kit.clip), "--data.cache", str(language_kit.cache),
+        "--model.clip", str(language_kit.clip), "--data.cache_dir", str(language_kit.cache),
         "--data.labels", str(cohort / "findings.parquet"), "--data.image_size", "[16, 32, 32]",
-        "--data.num_workers", "0", "--data.batch_size", "3",
-        "--data.fixed_splits", f"{{val: {language_kit.studies}, test: {language_kit.studies}}}",
+        "--data.loader.num_workers", "0", "--data.loader.batch_size", "3",
+        "--data.loader.fixed_splits", f"{{val: {language_kit.studies}, test: {language_kit.studies}}}",
         "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false",
     ]  # fmt: skip
     assert finetune(["validate", *args]) == 0
@@ -130,9 +130,9 @@ def test_zero_shot_refuses_to_train(
 ) -> None:
     args = [
         "fit", "--config", str(cli_kit.conf / "zero_shot.yaml"), "--model.encoder", str(language_kit.encoder),
-        "--model.clip", str(language_kit.clip), "--data.cache", str(language_kit.cache),
+        "--model.clip", str(language_kit.clip), "--data.cache_dir", str(language_kit.cache),
         "--data.labels", str(language_kit.cohort / "findings.parquet"), "--data.image_size", "[16, 32, 32]",
-        "--data.num_workers", "0", "--trainer.default_root_dir", str(tmp_path / "run"),
+        "--data.loader.num_workers", "0", "--trainer.default_root_dir", str(tmp_path / "run"),
         "--trainer.enable_progress_bar", "false",
     ]  # fmt: skip
     # A user error: raised, or printed as one line once the CLI lists it among its user errors.

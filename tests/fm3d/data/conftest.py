@@ -47,3 +47,22 @@ def prepare_main(capsys) -> Callable[..., subprocess.CompletedProcess[str]]:
         return subprocess.CompletedProcess(list(args), code, printed.out, printed.err)
 
     return run
+
+
+def write_nifti_cohort(folder: Path, studies: int = 4, shape: tuple[int, int, int] = (24, 20, 16)) -> Path:
+    """Real tiny NIfTI CTs (int16 HU ramps plus noise, 1.5 mm voxels) and their manifest; returns it."""
+    import nibabel as nib
+    import numpy as np
+    import polars as pl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(studies):
+        hu = np.linspace(-1200, 1500, int(np.prod(shape))).reshape(shape) + rng.normal(0, 50, shape)
+        path = folder / f"ct{i}.nii.gz"
+        nib.save(nib.Nifti1Image(hu.astype(np.int16), np.diag([1.5, 1.5, 1.5, 1.0])), path)
+        rows.append({"study_id": f"ct{i}", "patient_id": f"p{i}", "image_path": str(path)})
+    manifest = folder / "manifest.csv"
+    pl.DataFrame(rows).write_csv(manifest)
+    return manifest

@@ -13,7 +13,8 @@ from fm3d.data.cache import PreparedCache
 from fm3d.data.errors import CacheError
 from fm3d.data.io import read_volume
 from fm3d.data.prepare import prepare_cache
-from fm3d.data.preprocess import PreprocessSettings, preprocess
+from fm3d.data.preprocess import preprocess
+from fm3d.spec import InputSpec
 
 
 def _write_cache(root: Path) -> dict[str, np.ndarray]:
@@ -144,10 +145,10 @@ def test_reads_a_cache_written_by_fm3d_prepare(shared_data: Path, tmp_path: Path
     pl.DataFrame({"study_id": ["x"], "patient_id": ["p"], "image_path": [str(source)]}).write_csv(
         tmp_path / "m.csv"
     )
-    settings = PreprocessSettings((1.5, 1.5, 1.5))
-    prepare_cache(tmp_path / "m.csv", tmp_path / "cache", settings=settings, progress=False)
+    spec = InputSpec((1.5, 1.5, 1.5))
+    prepare_cache(tmp_path / "m.csv", tmp_path / "cache", spec=spec, progress=False)
     cache = PreparedCache(tmp_path / "cache")
-    expected = preprocess(read_volume(source), settings)
+    expected = preprocess(read_volume(source), spec)
     assert cache.study_ids == ["x"] and len(cache) == 1
     np.testing.assert_array_equal(cache.image("x"), expected.image)
     assert cache.shape("x") == expected.image.shape == (60, 202, 244)

@@ -10,11 +10,23 @@ import pytest
 import torch
 from lightning.pytorch.cli import LightningCLI
 
+from fm3d.data.base import LoaderSettings
 from fm3d.data.datamodule import CTDataModule
 from fm3d.data.prepare import prepare_cache
 from fm3d.demo import generate_demo_cohort
 
-SMALL = dict(image_size=(8, 32, 32), voco="tiny", batch_size=2, split_fractions=(0.5, 0.25, 0.25))
+VIEWS = {"image": {"size": (8, 32, 32)}, "voco": {"geometry": "tiny"}}
+SMALL_LOADER = dict(batch_size=2, split_fractions=(0.5, 0.25, 0.25))
+
+
+def _data(demo, labels: bool = False, **loader) -> CTDataModule:
+    """A small module over the demo cache: tiny views, batches of 2, half the patients training."""
+    return CTDataModule(
+        demo["cache"],
+        labels=demo["labels"] if labels else None,
+        views=VIEWS,
+        loader=LoaderSettings(**{**SMALL_LOADER, **loader}),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -36,23 +48,23 @@ def demo(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_model_facing_properties_before_setup(demo):
-    dm = CTDataModule(demo["cache"], labels=demo["labels"], **SMALL)
+    dm = _data(demo, labels=True)
     assert (dm.num_phenotypes, dm.num_tasks) == (5, 3)
-    assert CTDataModule(demo["cache"], **SMALL).num_phenotypes == 0
+    assert _data(demo).num_phenotypes == 0
 
 
 def test_patient_level_splits_and_reports_from_the_index(demo):
-    dm = CTDataModule(demo["cache"], labels=demo["labels"], num_workers=0, **SMALL)
+    dm = _data(demo, labels=True)
     dm.setup("fit")
     index = pl.read_parquet(demo["cache"] / "index.parquet").select("study_id", "patient_id")
     owner = dict(index.iter_rows())
     seen: dict[str, str] = {}
     for split in ("train", "val", "test"):
-        assert len(dm.datasets[split]) > 0
-        for sid in dm.datasets[split].study_ids:
+        assert len(dm.dataset(split)) > 0
+        for sid in dm.dataset(split).study_ids:
             assert seen.setdefault(owner[sid], split) == split
-    assert sum(len(dm.datasets[s]) for s in ("train", "val", "test")) == index.height
-    assert len(dm.datasets["predict"]) == index.height
+    assert sum(len(dm.dataset(s)) for s in ("train", "val", "test")) == index.height
+    assert len(dm.dataset("predict")) == index.height
     batch = next(iter(dm.predict_dataloader()))
     assert batch["has_report"].all() and "IMPRESSION" not in batch["report"][0]
     assert "\n" in batch["report"][0]  # findings + impression joined
@@ -66,7 +78,7 @@ def _epoch(dm: CTDataModule, epoch: int) -> list[dict]:
 
 
 def _module(demo, seed: int = 0, workers: int = 0) -> CTDataModule:
-    dm = CTDataModule(demo["cache"], num_workers=workers, seed=seed, persistent_workers=False, **SMALL)
+    dm = _data(demo, num_workers=workers, seed=seed, persistent_workers=False)
     dm.setup("fit")
     return dm
 
@@ -128,7 +140,7 @@ class _TinyModel(L.LightningModule):
 
 
 def test_fit_with_a_real_trainer(demo, tmp_path):
-    dm = CTDataModule(demo["cache"], labels=demo["labels"], num_workers=0, **SMALL)
+    dm = _data(demo, labels=True)
     model = _TinyModel(dm.num_phenotypes)
     trainer = L.Trainer(
         max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -149,10 +161,12 @@ def test_lightning_cli_fills_the_datamodule_from_yaml(demo, tmp_path):
         "data:\n"
         f"  cache_dir: {demo['cache']}\n"
         f"  labels: {demo['labels']}\n"
-        "  voco: tiny\n  image_size: [8, 32, 32]\n  batch_size: 2\n  num_workers: 0\n"
-        "  split_fractions: [0.5, 0.25, 0.25]\n  seed: 3\n  report_columns: [impression]\n"
+        "  views: {image: {size: [8, 32, 32]}, voco: {geometry: tiny}}\n  report_columns: [impression]\n"
+        "  loader: {batch_size: 2, num_workers: 0, split_fractions: [0.5, 0.25, 0.25], seed: 3}\n"
     )
     cli = _LinkedCLI(_TinyModel, CTDataModule, run=False, args=["--config", str(config)])
     assert isinstance(cli.datamodule, CTDataModule)
-    assert cli.datamodule.spec.image_size == (8, 32, 32) and cli.datamodule.report_columns == ("impression",)
+    data = cli.datamodule
+    assert data.input_spec.image_size == (8, 32, 32) and data.report_columns == ("impression",)
+    assert data.loader_settings.seed == 3 and data.loader_settings.split_fractions == (0.5, 0.25, 0.25)
     assert cli.model.num_phenotypes == 5

@@ -11,18 +11,23 @@ import torch
 from monai.transforms import ScaleIntensityRange
 
 from fm3d.data.cache import PreparedCache
-from fm3d.data.datasets import (
-    CTDataset,
-    LabelTable,
-    ReportTable,
-    SampleSpec,
-    TableError,
-    collate_samples,
-    read_region,
-    scale_window,
-)
+from fm3d.data.collate import collate_samples
+from fm3d.data.datasets import CTDataset, SampleSpec
 from fm3d.data.prepare import prepare_cache
+from fm3d.data.tables import LabelTable, ReportTable
+from fm3d.data.views import build_views
 from fm3d.demo import generate_demo_cohort
+from fm3d.spec import InputSpecError
+
+
+def _spec(image_size=None, image_region=None, voco=None, **settings) -> SampleSpec:
+    """A SampleSpec with the global view (image_size, image_region) and VoCo crops (voco) asked for."""
+    views = {}
+    if image_size is not None:
+        views["image"] = {"size": image_size, "region": image_region}
+    if voco is not None:
+        views["voco"] = {"geometry": voco}
+    return SampleSpec(views=build_views(views), **settings)
 
 
 @pytest.fixture(scope="module")
@@ -33,53 +38,19 @@ def demo_cache(tmp_path_factory) -> PreparedCache:
     return PreparedCache(root / "cache")
 
 
-class _RecordingVolume:
-    """Stands for a memmap: records which slabs are read (the dataset must never read more)."""
-
-    def __init__(self, array: np.ndarray) -> None:
-        self.array, self.shape, self.reads = array, array.shape, []
-
-    def __getitem__(self, index):
-        self.reads.append(index)
-        return self.array[index]
-
-
-def test_read_region_touches_only_the_slab_and_pads_with_the_floor():
-    volume = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6) * 20 - 1000  # -1000 .. 2580 HU
-    recorder = _RecordingVolume(volume)
-    out = read_region(recorder, (1, -2, 3), (2, 4, 5), hu_window=(-500, 1000))
-    assert recorder.reads == [(slice(1, 3), slice(0, 2), slice(3, 6))]
-    expected = np.zeros((2, 4, 5), np.int16)  # outside the volume: the window floor, shifted to 0
-    expected[:, 2:4, 0:3] = np.clip(volume[1:3, 0:2, 3:6], -500, 1000) + 500
-    np.testing.assert_array_equal(out, expected)
-    assert out.dtype == np.int16
-    unit = scale_window(torch.from_numpy(out), (-500, 1000))
-    torch.testing.assert_close(unit, torch.from_numpy(expected / 1500.0).float())
-
-
-def test_scale_window_to_minus_one_one_matches_monai():
-    hu = np.linspace(-1200, 400, 97, dtype=np.float32).reshape(1, 97)
-    shifted = read_region(np.rint(hu).astype(np.int16), (0, 0), (1, 97), hu_window=(-175, 250))
-    scaled = scale_window(torch.from_numpy(shifted), (-175, 250), (-1.0, 1.0))
-    reference = ScaleIntensityRange(a_min=-175.0, a_max=250.0, b_min=-1.0, b_max=1.0, clip=True)(np.rint(hu))
-    torch.testing.assert_close(scaled, torch.as_tensor(reference).float(), rtol=0, atol=1e-6)
-
-
 def test_empty_intensity_range_is_refused():
-    with pytest.raises(ValueError, match="intensity_range"):
+    with pytest.raises(InputSpecError, match="intensity_range"):
         SampleSpec(intensity_range=(1.0, 1.0))
 
 
 def test_fractional_window_is_refused():
-    with pytest.raises(ValueError, match="whole HU"):
+    with pytest.raises(InputSpecError, match="whole HU"):
         SampleSpec(hu_window=(-175.5, 250.0))
 
 
 def test_global_view_is_the_normalised_centre_crop(demo_cache: PreparedCache):
     sid = demo_cache.study_ids[0]
-    ds = CTDataset(
-        demo_cache, [sid], SampleSpec(image_size=(32, 64, 64), hu_window=(-175.0, 250.0)), train=False
-    )
+    ds = CTDataset(demo_cache, [sid], _spec(image_size=(32, 64, 64), hu_window=(-175.0, 250.0)), train=False)
     image = ds[0]["image"]
     assert image.shape == (1, 32, 64, 64) and image.dtype == torch.float32
     volume = np.asarray(demo_cache.image(sid))  # (48, 96, 96)
@@ -91,21 +62,19 @@ def test_global_view_is_the_normalised_centre_crop(demo_cache: PreparedCache):
 
 def test_resized_global_view_and_padding(demo_cache: PreparedCache):
     sid = demo_cache.study_ids[0]
-    ds = CTDataset(
-        demo_cache, [sid], SampleSpec(image_size=(16, 32, 32), image_region=(48, 96, 96)), train=False
-    )
+    ds = CTDataset(demo_cache, [sid], _spec(image_size=(16, 32, 32), image_region=(48, 96, 96)), train=False)
     assert ds[0]["image"].shape == (1, 16, 32, 32)
-    padded = CTDataset(demo_cache, [sid], SampleSpec(image_size=(64, 96, 96)), train=False)[0]["image"]
+    padded = CTDataset(demo_cache, [sid], _spec(image_size=(64, 96, 96)), train=False)[0]["image"]
     assert (padded[0, :8] == 0).all() and (padded[0, -8:] == 0).all()  # 48 slices centred in 64
     # Padding is the window floor, so it reads the intensity range's low end.
-    spec = SampleSpec(image_size=(64, 96, 96), intensity_range=(-1.0, 1.0))
+    spec = _spec(image_size=(64, 96, 96), intensity_range=(-1.0, 1.0))
     padded = CTDataset(demo_cache, [sid], spec, train=False)[0]["image"]
     assert (padded[0, :8] == -1).all() and (padded[0, -8:] == -1).all()
 
 
 def test_voco_crops_are_slices_of_one_region_with_matching_labels(demo_cache: PreparedCache):
     sid = demo_cache.study_ids[1]
-    spec = SampleSpec(image_size=None, voco="tiny", augment=None)
+    spec = _spec(image_size=None, voco="tiny", augment=None)
     ds = CTDataset(demo_cache, [sid], spec, train=True, seed=4)
     sample = ds[0]
     bases, crops, labels = sample["voco_bases"], sample["voco_crops"], sample["voco_labels"]
@@ -113,7 +82,7 @@ def test_voco_crops_are_slices_of_one_region_with_matching_labels(demo_cache: Pr
     torch.testing.assert_close(labels.sum(1), torch.ones(2))
     # Rebuild the region from the bases (x-major order), then find each random crop in it.
     region = torch.zeros(32, 64, 64)
-    for k, (h, w) in enumerate(ds.geometry.base_starts()):
+    for k, (h, w) in enumerate(ds.spec.views[0].geometry.base_starts()):
         region[:, h : h + 32, w : w + 32] = bases[k, 0]
     for r in range(2):
         matches = [
@@ -124,11 +93,13 @@ def test_voco_crops_are_slices_of_one_region_with_matching_labels(demo_cache: Pr
         ]
         assert matches, "random crop is not a slice of the region"
         centre = np.array([[matches[0][0] + 16, matches[0][1] + 16]])
-        np.testing.assert_allclose(labels[r].numpy(), ds.geometry.overlap_labels(centre)[0], atol=1e-6)
+        np.testing.assert_allclose(
+            labels[r].numpy(), ds.spec.views[0].geometry.overlap_labels(centre)[0], atol=1e-6
+        )
 
 
 def test_voco_v2_shapes_and_range_with_augmentation(demo_cache: PreparedCache):
-    ds = CTDataset(demo_cache, None, SampleSpec(image_size=(32, 96, 96), voco="v2"), train=True)
+    ds = CTDataset(demo_cache, None, _spec(image_size=(32, 96, 96), voco="v2"), train=True)
     sample = ds[0]
     assert sample["voco_bases"].shape == (9, 1, 64, 64, 64)
     assert sample["voco_crops"].shape == (2, 1, 64, 64, 64)
@@ -138,9 +109,7 @@ def test_voco_v2_shapes_and_range_with_augmentation(demo_cache: PreparedCache):
 
 def test_training_samples_are_reproducible_per_seed(demo_cache: PreparedCache):
     def draw(seed: int) -> list[torch.Tensor]:
-        ds = CTDataset(
-            demo_cache, None, SampleSpec(image_size=(16, 32, 32), voco="tiny"), train=True, seed=seed
-        )
+        ds = CTDataset(demo_cache, None, _spec(image_size=(16, 32, 32), voco="tiny"), train=True, seed=seed)
         return [ds[i]["voco_crops"] for i in range(len(ds))]
 
     first, again, other = draw(0), draw(0), draw(1)
@@ -166,7 +135,7 @@ def test_reports_and_labels_join_with_masks(demo_cache: PreparedCache):
         ("phenotype", "tte_time", "tte_event"),
     )
     assert labels.widths == {"phenotype": 3, "tte_time": 2, "tte_event": 2}
-    ds = CTDataset(demo_cache, ids[:4], SampleSpec(image_size=(8, 16, 16)), reports, labels, train=False)
+    ds = CTDataset(demo_cache, ids[:4], _spec(image_size=(8, 16, 16)), reports, labels, train=False)
     batch = collate_samples([ds[i] for i in range(4)])
     assert batch["study_id"] == ids[:4]
     assert batch["report"] == ["F0\nI0", "I1", "", ""]
@@ -179,31 +148,13 @@ def test_reports_and_labels_join_with_masks(demo_cache: PreparedCache):
     assert batch["image"].shape == (4, 1, 8, 16, 16)
 
 
-def test_label_table_honours_its_own_has_ehr_column():
-    table = pl.DataFrame(
-        {"study_id": ["a", "b", "c"], "has_ehr": [True, False, None], "p": [[1.0], [2.0], [3.0]]}
-    )
-    labels = LabelTable(table, ("p",))
-    assert [labels.get(s)[1] for s in ("a", "b", "c", "absent")] == [True, False, False, False]
-    assert labels.get("b")[0]["p"].tolist() == [2.0]
-
-
-def test_table_errors_name_the_problem():
-    with pytest.raises(TableError, match="lacks label column 'phenotype'"):
-        LabelTable(pl.DataFrame({"study_id": ["a"], "x": [[1.0]]}), ("phenotype",), "labels.parquet")
-    with pytest.raises(TableError, match="lengths"):
-        LabelTable(pl.DataFrame({"study_id": ["a", "b"], "p": [[1.0], [1.0, 2.0]]}), ("p",))
-    with pytest.raises(TableError, match="lacks report columns"):
-        ReportTable(pl.DataFrame({"study_id": ["a"], "text": ["x"]}), ("findings",))
-
-
 def test_real_totalsegmentator_ct_gives_voco_v2_samples(shared_data: Path, tmp_path: Path):
     ct = shared_data / "ct" / "totalsegmentator" / "example_ct_sm.nii.gz"
     pl.DataFrame({"study_id": ["ts"], "image_path": [str(ct)]}).write_parquet(tmp_path / "manifest.parquet")
     prepare_cache(tmp_path / "manifest.parquet", tmp_path / "cache", progress=False)
     cache = PreparedCache(tmp_path / "cache")
     for train in (False, True):
-        spec = SampleSpec(image_size=(32, 96, 96), voco="v2", augment=None)
+        spec = _spec(image_size=(32, 96, 96), voco="v2", augment=None)
         sample = CTDataset(cache, None, spec, train=train)[0]
         assert sample["voco_bases"].shape == (9, 1, 64, 64, 64)
         assert sample["voco_crops"].shape == (2, 1, 64, 64, 64)
@@ -216,7 +167,7 @@ def test_real_totalsegmentator_ct_gives_voco_v2_samples(shared_data: Path, tmp_p
 
 @pytest.mark.parametrize("voco", ["tiny", "v1"])
 def test_batched_getitems_equals_per_sample_collate(demo_cache: PreparedCache, voco: str):
-    spec = SampleSpec(image_size=(8, 16, 16), image_region=(16, 32, 32), voco=voco)
+    spec = _spec(image_size=(8, 16, 16), image_region=(16, 32, 32), voco=voco)
     ds = CTDataset(demo_cache, None, spec, train=False)
     indices = [0, 2] if voco == "tiny" else [1]  # v1 is 16 x 96^3 per sample: keep it to one
     batch = collate_samples(ds.__getitems__(indices))

@@ -138,12 +138,19 @@ def test_single_slice_without_thickness_is_not_given_1_mm(dicom_series: Path, tm
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--spacing", "nan", "1", "1"], r"--spacing / --hu-window: target spacing must be three mm values"),
-        (["--spacing", "0", "1", "1"], r"target spacing must be .* got \(0\.0, 1\.0, 1\.0\)"),
-        (["--spacing", "-1", "1", "1"], r"target spacing must be"),
-        (["--hu-window", "100", "-100"], r"HU window must be \(low, high\) with low < high"),
-        (["--hu-window", "0", "0"], r"HU window must be"),
-        (["--hu-window", "nan", "100"], r"HU window must be"),
+        (
+            ["--spacing", "nan", "1", "1"],
+            r"--spacing / --hu-window: target_spacing_mm must be 3 finite numbers",
+        ),
+        (
+            ["--spacing", "0", "1", "1"],
+            r"target_spacing_mm must be three mm values .* got \(0\.0, 1\.0, 1\.0\)",
+        ),
+        (["--spacing", "-1", "1", "1"], r"target_spacing_mm must be"),
+        (["--hu-window", "100", "-100"], r"hu_window must be whole HU values \(low, high\), low < high"),
+        (["--hu-window", "0", "0"], r"hu_window must be"),
+        (["--hu-window", "nan", "100"], r"hu_window must be 2 finite numbers"),
+        (["--hu-window", "-175.5", "250"], r"hu_window must be whole HU values"),
         (["--workers", "0"], r"--workers must be at least 1, got 0"),
         (["--max-gib", "nan"], r"--max-gib must be a positive number of GiB, got nan"),
         (["--max-gib", "0"], r"--max-gib must be a positive number of GiB"),
@@ -162,6 +169,6 @@ def test_cli_argument_error_from_the_real_command(tmp_path: Path, prepare_cli) -
     run = prepare_cli("--manifest", tmp_path / "m.csv", "--out", tmp_path / "c", "--spacing", "nan", "1", "1")
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr == (
-        "fm3d prepare: --spacing / --hu-window: target spacing must be three mm values (D, H, W) between "
-        "0.01 and 50.0, got (nan, 1.0, 1.0)\n"
+        "fm3d prepare: --spacing / --hu-window: target_spacing_mm must be 3 finite numbers, "
+        "got (nan, 1.0, 1.0)\n"
     )

@@ -22,7 +22,8 @@ import pytest
 from fm3d.data.cache import PreparedCache
 from fm3d.data.io import read_label, read_volume
 from fm3d.data.prepare import main, prepare_cache
-from fm3d.data.preprocess import PreprocessSettings, invert_preprocessing, preprocess
+from fm3d.data.preprocess import invert_preprocessing, preprocess
+from fm3d.spec import InputSpec
 
 
 @pytest.fixture
@@ -74,7 +75,7 @@ def test_prepare_real_studies(raw: Path, tmp_path: Path, capsys) -> None:
     assert cache.study_ids == ["ts", "ts_nolabel", "ge"]
     assert cache.row("ts")["report"] == "Liver normal." and cache.row("ge")["patient_id"] == "p2"
     volume, label = read_volume(raw / "ct.nii.gz"), read_label(raw / "seg.nii.gz")
-    expected = preprocess(volume, PreprocessSettings(), label=label)
+    expected = preprocess(volume, InputSpec(), label=label)
     image = cache.image("ts")
     assert isinstance(image, np.memmap) and image.dtype == np.int16
     np.testing.assert_array_equal(image, expected.image)

@@ -10,15 +10,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from fm3d.data.errors import SettingsError, VolumeReadError
-from fm3d.data.io import Volume, read_label, read_volume, spacing_of
+from fm3d.data.errors import VolumeReadError
+from fm3d.data.io import read_label, read_volume, spacing_of
 from fm3d.data.preprocess import (
     PreprocessRecord,
-    PreprocessSettings,
     invert_preprocessing,
     preprocess,
     to_canonical,
 )
+from fm3d.data.volume import Volume
+from fm3d.spec import InputSpec
 
 LIVER, SPLEEN, AORTA = 5, 1, 52
 XYZ_TO_DHW = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=float)
@@ -51,7 +52,7 @@ def test_canonical_matches_nibabel(ts, codes) -> None:
 
 def test_spacing_unchanged_is_an_exact_copy_and_inverts_exactly(ts) -> None:
     image, label = (_reoriented(v, ("L", "P", "S")) for v in ts)
-    prepared = preprocess(image, PreprocessSettings((3.0, 3.0, 3.0), (-2000, 2000)), label=label)
+    prepared = preprocess(image, InputSpec((3.0, 3.0, 3.0), (-2000, 2000)), label=label)
     canonical = nib.as_closest_canonical(nib.Nifti1Image(image.array, image.affine))
     np.testing.assert_array_equal(prepared.image, np.asarray(canonical.dataobj).transpose(2, 1, 0))
     np.testing.assert_allclose(prepared.affine, canonical.affine @ XYZ_TO_DHW)
@@ -74,7 +75,7 @@ def test_linear_ramp_lands_where_the_affine_says(ts) -> None:
     ramp = world @ np.array([1.0, -2.0, 3.0])
     ramp -= ramp.mean()
     volume = Volume(ramp.astype(np.float32), source.affine, source.spacing)
-    prepared = preprocess(volume, PreprocessSettings((2.0, 1.7, 4.1), (-30000, 30000)))
+    prepared = preprocess(volume, InputSpec((2.0, 1.7, 4.1), (-30000, 30000)))
 
     d, h, w = prepared.image.shape
     dhw = np.stack(np.meshgrid(np.arange(d), np.arange(h), np.arange(w), indexing="ij"), axis=-1)
@@ -90,16 +91,16 @@ def test_hu_window_and_dtype(ts) -> None:
     prepared = preprocess(ts[0])
     assert prepared.image.dtype == np.int16
     assert prepared.image.min() == -1000 and prepared.image.max() <= 1000
-    narrow = preprocess(ts[0], PreprocessSettings(hu_window=(-100, 100))).image
+    narrow = preprocess(ts[0], InputSpec(hu_window=(-100, 100))).image
     assert (narrow.min(), narrow.max()) == (-100, 100)
     np.testing.assert_allclose(prepared.spacing, (3.0, 1.5, 1.5), atol=0.02)
-    assert PreprocessSettings().target_spacing_mm == (3.0, 1.5, 1.5)
+    assert InputSpec().target_spacing_mm == (3.0, 1.5, 1.5)
 
 
 def test_organs_stay_on_their_anatomy(ts) -> None:
     image, label = ts
     for spacing in [(3.0, 1.5, 1.5), (1.5, 1.5, 1.5), (4.0, 4.5, 4.5)]:
-        prepared = preprocess(image, PreprocessSettings(spacing), label=label)
+        prepared = preprocess(image, InputSpec(spacing), label=label)
         assert prepared.label.dtype == np.uint8 and prepared.label.shape == prepared.image.shape
         for organ in (LIVER, SPLEEN, AORTA):
             original = image.array[label.array == organ].mean()
@@ -114,7 +115,7 @@ def test_organs_stay_on_their_anatomy(ts) -> None:
 
 def test_downsampled_label_inverts_close_to_the_original(ts) -> None:
     image, label = ts
-    prepared = preprocess(image, PreprocessSettings((4.0, 4.5, 4.5)), label=label)
+    prepared = preprocess(image, InputSpec((4.0, 4.5, 4.5)), label=label)
     back = invert_preprocessing(prepared.label, prepared.record, is_label=True)
     assert back.shape == label.array.shape
     liver, back_liver = label.array == LIVER, back == LIVER
@@ -137,7 +138,7 @@ def test_record_is_json_and_checks_shape(ts) -> None:
 def test_dicom_series_with_nrrd_label(shared_data: Path) -> None:
     folder = shared_data / "ct" / "dcmqi_ct3slice"
     image, label = read_volume(folder), read_label(folder / "liver_spine_seg.nrrd")
-    prepared = preprocess(image, PreprocessSettings((1.0, 1.5, 1.5)), label=label)
+    prepared = preprocess(image, InputSpec((1.0, 1.5, 1.5)), label=label)
     assert prepared.image.shape == (3, 277, 277)
     liver = prepared.image[prepared.label == 1].mean()
     assert 0 < liver < 100, liver
@@ -155,12 +156,3 @@ def test_label_on_another_grid_is_refused(ts) -> None:
     )
     with pytest.raises(VolumeReadError, match=r"seg\.nii\.gz: is not on the image's grid"):
         preprocess(image, label=shifted)
-
-
-def test_settings_are_checked() -> None:
-    for spacing in [(1.0, 0.0, 1.0), (1.0, float("nan"), 1.0), (-1.0, 1.0, 1.0), (1.0, 1.0, 500.0)]:
-        with pytest.raises(SettingsError, match=r"target spacing must be three mm values .* got \("):
-            PreprocessSettings(spacing)
-    for window in [(100, -100), (0, 0), (float("nan"), 100), (-1000, float("inf"))]:
-        with pytest.raises(SettingsError, match="HU window must be"):
-            PreprocessSettings(hu_window=window)
