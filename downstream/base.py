@@ -38,12 +38,13 @@ import fm3d
 from downstream.strategies import FinetuneStrategy, apply_strategy, merge_lora, parameter_groups
 from fm3d.data.regions import scale_window
 from fm3d.errors import Fm3dError
+from fm3d.io import CKPT_CONFIG_KEY, CKPT_MERGED_KEY
 from fm3d.train.optim import WarmupCosine
 
 logger = logging.getLogger(__name__)
 
-# Checkpoint entry with a LoRA run's encoder weights merged under the encoder's own parameter names.
-MERGED_ENCODER_KEY = "fm3d_encoder_state_dict"
+# Which task wrote a checkpoint (the encoder keys are fm3d.io's, which load_encoder reads).
+CKPT_TASK_KEY = "fm3d_task"
 
 
 class EncoderSpecError(Fm3dError, ValueError):
@@ -270,12 +271,12 @@ class DownstreamTask(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["fm3d_encoder_config"] = self.encoder.config.to_dict()
-        checkpoint["fm3d_task"] = self.task_name
+        checkpoint[CKPT_CONFIG_KEY] = self.encoder.config.to_dict()
+        checkpoint[CKPT_TASK_KEY] = self.task_name
         if self.strategy.name == "lora":
             # The state_dict holds peft's names (base_layer, lora_A/B) so training can resume; the
             # merged weights under the encoder's own names are what a plain encoder loads.
-            checkpoint[MERGED_ENCODER_KEY] = {
+            checkpoint[CKPT_MERGED_KEY] = {
                 k: v.detach().cpu() for k, v in self.plain_encoder().state_dict().items()
             }
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import fm3d
+from fm3d.io import CKPT_CONFIG_KEY
 from fm3d.models.encoder import EncoderOutput
 from fm3d.spec import InputSpec
 from pretrain.data_contract import PretrainConfigError, check_data_module, spec_overrides
@@ -229,7 +230,7 @@ class PretrainModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # fm3d.load_encoder(x.ckpt) rebuilds the encoder from this (core's contract).
-        checkpoint["fm3d_encoder_config"] = self.encoder.config.to_dict()
+        checkpoint[CKPT_CONFIG_KEY] = self.encoder.config.to_dict()
 
 
 def _split_output(output: EncoderOutput, sizes: list[int]) -> list[EncoderOutput]:
