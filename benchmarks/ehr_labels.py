@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import polars as pl
+from _common import cpu_name
 
 DEMO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ehr" / "mimic_iv_demo_meds"
 PHENOTYPES = Path(__file__).resolve().parents[1] / "conf" / "ehr" / "phenotypes_example.yaml"
@@ -88,17 +89,8 @@ def run_child(args: list[str], threads: int) -> dict:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} visible cores, Python {platform.python_version()}, polars {pl.__version__}"
-    )
+    python = f"Python {platform.python_version()}, polars {pl.__version__}"
+    return f"{cpu_name()}, {os.cpu_count()} visible cores, {python}"
 
 
 def main() -> None:

@@ -28,10 +28,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from fm3d.data.datasets import read_region, region_start, scale_window
-from fm3d.data.io import Volume, spacing_of
+from fm3d.data.io import spacing_of
 from fm3d.data.limits import ReadLimits, check_array_bytes
 from fm3d.data.preprocess import resample, resampled_shape, to_canonical
+from fm3d.data.regions import read_region, region_start, scale_window
+from fm3d.data.volume import Volume
 from fm3d.spec import InputSpec, InputSpecError
 
 logger = logging.getLogger(__name__)

@@ -16,6 +16,7 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -221,12 +222,24 @@ def init_text_model(
         max_position_embeddings=max_length,
         pad_token_id=tokenizer.token_to_id("[PAD]"),
     )
+    return save_random_model(BertModel, config, fast, directory, seed)
+
+
+def save_random_model(
+    model_class: type, config: Any, tokenizer: Any, directory: str | Path, seed: int
+) -> Path:
+    """Build `model_class(config)` with weights drawn from `seed` and save it beside its tokenizer.
+
+    The seed is drawn in a forked RNG, so writing a model leaves the caller's random stream as it was.
+    """
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = BertModel(config)
+        model = model_class(config)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
-    fast.save_pretrained(directory)
-    logger.info("wrote a from-scratch text model (vocabulary %d) to %s", config.vocab_size, directory)
+    tokenizer.save_pretrained(directory)
+    logger.info(
+        "wrote a from-scratch %s (vocabulary %d) to %s", config.model_type, config.vocab_size, directory
+    )
     return directory

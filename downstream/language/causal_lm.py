@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from fm3d.errors import Fm3dError
+from fm3d.text import save_random_model
 
 logger = logging.getLogger(__name__)
 
@@ -156,12 +157,4 @@ def init_causal_lm(
         model_class = LlamaForCausalLM
     else:
         raise LanguageModelError(f"init_causal_lm family must be 'gpt2' or 'llama', got {family!r}")
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = model_class(config)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    fast.save_pretrained(directory)
-    logger.info("wrote a from-scratch %s (vocabulary %d) to %s", family, config.vocab_size, directory)
-    return directory
+    return save_random_model(model_class, config, fast, directory, seed)

@@ -24,6 +24,7 @@ from monai.transforms import (
 import fm3d
 from fm3d.data.datasets import CTDataset, SampleSpec
 from fm3d.data.prepare import main as prepare_main
+from fm3d.data.views import build_views
 from fm3d.spec import InputSpec, InputSpecError
 
 VOCO_WINDOW = (-175.0, 250.0)
@@ -66,9 +67,8 @@ def test_fm3d_encoder_input_equals_prepare_and_the_evaluation_view(
     argv = ["--manifest", str(tmp_path / "manifest.csv"), "--out", str(cache), "--no-progress"]
     argv += ["--spacing", *map(str, spacing_mm), "--hu-window", *map(str, hu_window)]
     assert prepare_main(argv) == 0
-    sample_spec = SampleSpec(
-        image_size=image_size, hu_window=hu_window, intensity_range=intensity_range, augment=None
-    )
+    views = build_views({"image": {"size": image_size}})
+    sample_spec = SampleSpec(views=views, hu_window=hu_window, intensity_range=intensity_range, augment=None)
     view = CTDataset(cache, spec=sample_spec, train=False)[0]["image"]  # [1, D, H, W], centred
 
     encoder = fm3d.create_encoder(
