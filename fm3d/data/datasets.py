@@ -32,7 +32,7 @@ from fm3d.data.collate import collate_samples
 from fm3d.data.errors import DataError
 from fm3d.data.tables import LabelTable, ReportTable
 from fm3d.data.views import View, ViewContext
-from fm3d.spec import InputSpecError
+from fm3d.spec import InputSpec
 
 logger = logging.getLogger(__name__)
 
@@ -53,16 +53,8 @@ class SampleSpec:
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
-        lo, hi = self.hu_window
-        if not (float(lo).is_integer() and float(hi).is_integer() and lo < hi):
-            raise InputSpecError(
-                f"hu_window must be whole HU values (low, high) with low < high, got {self.hu_window}"
-            )
-        low, high = self.intensity_range
-        if not low < high:
-            raise InputSpecError(
-                f"intensity_range must be (low, high) with low < high, got {self.intensity_range}"
-            )
+        # The window and range follow the input spec's rules (one place checks them).
+        InputSpec(hu_window=self.hu_window, intensity_range=self.intensity_range)
 
     @property
     def window(self) -> tuple[int, int]:
