@@ -1,8 +1,9 @@
 """The peer-format registry: each peer module declares its format; detection asks them all.
 
 A peer module registers its converter with `@register_peer_format(name, detect=..., priority=...)`
-in its own file; `peer_formats()` imports every module of this package (pkgutil), so a new
-peer format is one new file here and nothing else. `detect_format` asks every registered
+in its own file; `peer_formats()` imports every module of this package (pkgutil) and of the
+`fm3d.peer_formats` entry points, so a new peer format is one new file here (or in another
+package) and nothing else. `detect_format` asks every registered
 detector and takes the highest priority that matches: a more specific layout (M3D's MONAI ViT)
 outranks the general one it specialises (any MONAI ViT). A tie at the top, or no match, is an
 error that lists what each detector saw or looked for.
@@ -10,8 +11,6 @@ error that lists what each detector saw or looked for.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,9 @@ from pathlib import Path
 import torch
 
 from fm3d.models.adapters.matching import PeerConversion, PeerWeightsError, shown
+from fm3d.plugins import import_package_modules, load_entry_points
+
+PEER_FORMAT_ENTRY_POINTS = "fm3d.peer_formats"
 
 # A detector returns what it recognised (e.g. "key 'vit.patch_embedding.position_embeddings'"), or
 # None when the state dict is not its layout.
@@ -63,10 +65,13 @@ def register_peer_format(
 
 
 def _discover() -> None:
-    """Import every module of this package, so each peer module's registration has run."""
-    package = importlib.import_module(__package__)
-    for module in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"{__package__}.{module.name}")
+    """Import every module of this package and of the `fm3d.peer_formats` entry points.
+
+    Each peer module registers its format on import; a package outside fm3d declares an entry
+    point naming its module (`[project.entry-points."fm3d.peer_formats"]`).
+    """
+    import_package_modules(__package__)
+    load_entry_points(PEER_FORMAT_ENTRY_POINTS)
 
 
 def peer_formats() -> dict[str, PeerFormat]:
