@@ -22,3 +22,18 @@ def test_setuptools_reads_the_project_without_warnings(monkeypatch: pytest.Monke
     assert (REPO_ROOT / "LICENSE").read_text().lstrip().startswith("Apache License")
     commands = {ep.split("=")[0].strip() for ep in dist.entry_points["fm3d.commands"]}
     assert {"prepare", "pretrain", "finetune", "evaluate", "text-model", "causal-lm"} <= commands
+
+
+def test_the_wheel_ships_the_library_and_its_three_applications_only(monkeypatch: pytest.MonkeyPatch):
+    # docs/architecture.md: the applications stay top-level packages by these names, no others.
+    monkeypatch.chdir(REPO_ROOT)
+    dist = apply_configuration(Distribution(), "pyproject.toml")
+    tops = {"fm3d", "pretrain", "downstream", "ehr"}
+    assert {package.split(".")[0] for package in dist.packages} == tops
+    on_disk = {
+        ".".join(init.parent.relative_to(REPO_ROOT).parts)
+        for top in tops
+        for init in (REPO_ROOT / top).rglob("__init__.py")
+    }
+    # Every code package ships (data-only folders such as downstream/prompts ship as namespace packages).
+    assert on_disk <= set(dist.packages)
