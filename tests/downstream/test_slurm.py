@@ -29,9 +29,10 @@ def test_usr1_saves_requeues_and_the_fine_tuning_resumes_to_the_end(
     studies = pl.read_parquet(demo_cohort / "manifest.parquet")["study_id"].to_list()
     args = [
         "--model.encoder", str(export),
-        "--data.cache", str(demo_cohort / "cache"), "--data.labels", str(demo_cohort / "findings.parquet"),
-        "--data.image_size", "[16, 32, 32]", "--data.num_workers", "0", "--data.batch_size", "4",
-        "--data.fixed_splits", f"{{train: {studies[:6]}, val: {studies[6:]}, test: {studies[6:]}}}",
+        "--data.cache_dir", str(demo_cohort / "cache"),
+        "--data.labels", str(demo_cohort / "findings.parquet"), "--data.image_size", "[16, 32, 32]",
+        "--data.loader.num_workers", "0", "--data.loader.batch_size", "4",
+        "--data.loader.fixed_splits", f"{{train: {studies[:6]}, val: {studies[6:]}, test: {studies[6:]}}}",
         "--runs_root", "runs", "--trainer.max_epochs", str(max_epochs),
         "--trainer.enable_progress_bar", "false",
     ]  # fmt: skip
