@@ -25,10 +25,12 @@ from typing import Any
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from transformers.utils import logging as hf_logging
 
 from fm3d.io import TORCH_READ_ERRORS, unreadable_checkpoint
 from fm3d.train.checkpoints import CHECKPOINTS_DIR, LAST, best_checkpoint, checkpoint_callbacks
+from fm3d.train.preemption import SlurmRequeue
 from fm3d.train.progress import DEFAULT_EVERY_S, is_terminal
 from fm3d.train.progress_bar import progress_callbacks
 from fm3d.train.runs import (
@@ -225,6 +227,11 @@ class RunCLI(LightningCLI):
             monitor = getattr(self.model, "checkpoint_monitor", lambda: None)()
             callbacks += checkpoint_callbacks(self.run_dir, monitor)
         callbacks += self.run_callbacks()
+        if SLURMEnvironment.detect() and not trainer_config.get("plugins"):
+            # fm3d's SlurmRequeue saves and requeues at a step all ranks reached; Lightning's
+            # own handler does it inside the signal handler and can deadlock DDP.
+            kwargs["plugins"] = [SLURMEnvironment(auto_requeue=False)]
+            callbacks.append(SlurmRequeue())
         enabled = trainer_config.get("enable_progress_bar") is not False
         kwargs["callbacks"] = progress_callbacks(callbacks, enabled, config.progress_every_s)
         if trainer_config.get("logger") in (None, True):

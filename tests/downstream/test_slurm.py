@@ -49,7 +49,8 @@ def test_usr1_saves_requeues_and_the_fine_tuning_resumes_to_the_end(
         subprocess.run(["scancel", job], capture_output=True)
     log = output.read_text()
     assert state == "COMPLETED", log[-3000:]
-    assert "Handling auto-requeue signal" in log
+    assert "fm3d: preemption signal 10; saving" in log
+    assert f"fm3d: requeued SLURM job {job}" in log
     assert f"finetune.sbatch: job {job} attempt 1" in log
     hpc = run_dir / "hpc_ckpt_1.ckpt"
     assert f"Restored all states from the checkpoint at {hpc.relative_to(tmp_path)}" in log
