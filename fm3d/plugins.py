@@ -51,3 +51,73 @@ def load_entry_points(group: str, found: Iterable[EntryPoint] | None = None) -> 
                 f"({type(exc).__name__}: {exc}); fix or uninstall the package that declares it"
             ) from exc
     return loaded
+
+
+class RegistryError(Fm3dError, LookupError):
+    """A name that is unknown to a registry, or registered twice."""
+
+
+class Registry:
+    """Named classes found by scanning one package and one entry-point group.
+
+    kind: what the entries are, for messages ("downstream task", "evaluation protocol").
+    package: the package whose modules define the built-in entries, imported on first lookup.
+    group: the entry-point group third-party packages declare theirs in.
+    name_attribute: the class attribute `register` sets to the entry's name.
+    error: the exception type raised for unknown or duplicate names.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        package: str,
+        group: str,
+        name_attribute: str,
+        error: type[Exception] = RegistryError,
+    ) -> None:
+        self.kind, self.package, self.group = kind, package, group
+        self.name_attribute, self.error = name_attribute, error
+        self._entries: dict[str, type] = {}
+
+    def register(self, name: str) -> Any:
+        """Class decorator: make the class findable by `name` (and set its name attribute)."""
+
+        def decorator(cls: type) -> type:
+            existing = self._entries.get(name)
+            if existing is not None and existing is not cls:
+                raise self.error(
+                    f"{self.kind} name {name!r} is already registered by "
+                    f"{existing.__module__}.{existing.__qualname__}; pick another name for "
+                    f"{cls.__module__}.{cls.__qualname__}"
+                )
+            setattr(cls, self.name_attribute, name)
+            self._entries[name] = cls
+            return cls
+
+        return decorator
+
+    def discover(self, found: Iterable[EntryPoint] | None = None) -> dict[str, type]:
+        """Every entry: the package's modules and the group's entry points (or `found`).
+
+        An entry point whose name is taken keeps the registered class (a package may name its
+        own entries in its entry points too); a broken one raises `PluginError` naming it.
+        """
+        import_package_modules(self.package)
+        for name, cls in load_entry_points(self.group, found).items():
+            if name not in self._entries:
+                self.register(name)(cls)
+        return self._entries
+
+    def names(self) -> list[str]:
+        """The names of every entry, built-in and installed."""
+        return sorted(self.discover())
+
+    def get(self, name: str) -> type:
+        """The class registered under `name`."""
+        entries = self.discover()
+        if name not in entries:
+            raise self.error(
+                f"unknown {self.kind} {name!r}; known: {sorted(entries)}. Third-party ones register "
+                f"through the entry-point group {self.group!r}."
+            )
+        return entries[name]

@@ -28,7 +28,7 @@ def test_build_task_creates_the_encoder_from_a_registry_name() -> None:
 
 
 def test_unknown_and_duplicate_names_are_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(TaskRegistryError, match="known tasks"):
+    with pytest.raises(TaskRegistryError, match="unknown downstream task .*known:"):
         get_task("no-such-task")
 
     class First(DownstreamTask):
@@ -37,7 +37,7 @@ def test_unknown_and_duplicate_names_are_errors(monkeypatch: pytest.MonkeyPatch)
     class Second(DownstreamTask):
         pass
 
-    monkeypatch.setattr(registry, "_TASKS", dict(registry._TASKS))
+    monkeypatch.setattr(registry.TASKS, "_entries", dict(registry.TASKS._entries))
     register_task("twice")(First)
     with pytest.raises(TaskRegistryError, match="already registered"):
         register_task("twice")(Second)
@@ -69,7 +69,7 @@ def test_third_party_task_through_the_fm3d_tasks_entry_point(
     (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: echo-tasks\nVersion: 0.1\n")
     (dist_info / "entry_points.txt").write_text("[fm3d.tasks]\necho = echo_tasks:EchoTask\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(registry, "_TASKS", dict(registry._TASKS))
+    monkeypatch.setattr(registry.TASKS, "_entries", dict(registry.TASKS._entries))
 
     assert "echo" in list_tasks()
     task = build_task("echo", encoder="vit3d_tiny", width=5, encoder_overrides=TINY)
@@ -83,7 +83,7 @@ def test_broken_entry_point_names_itself(tmp_path: Path, monkeypatch: pytest.Mon
     (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-tasks\nVersion: 0.1\n")
     (dist_info / "entry_points.txt").write_text("[fm3d.tasks]\nbroken = not_a_module_anywhere:Task\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(registry, "_TASKS", dict(registry._TASKS))
+    monkeypatch.setattr(registry.TASKS, "_entries", dict(registry.TASKS._entries))
     with pytest.raises(PluginError, match=r"'broken'.*not_a_module_anywhere.*'fm3d.tasks'"):
         list_tasks()
 
@@ -102,7 +102,7 @@ def test_discovery_scans_the_tasks_package_and_takes_given_entry_points(
         "from downstream.base import DownstreamTask\n\nclass GivenTask(DownstreamTask):\n    pass\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(registry, "_TASKS", dict(registry._TASKS))
+    monkeypatch.setattr(registry.TASKS, "_entries", dict(registry.TASKS._entries))
     found = [
         EntryPoint("given", "given_tasks:GivenTask", registry.ENTRY_POINT_GROUP),
         # A name already taken keeps its registered class.

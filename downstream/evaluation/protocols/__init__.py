@@ -1,0 +1,1 @@
+"""Evaluation protocols, one module each (see `downstream.evaluation.protocol.register_protocol`)."""
