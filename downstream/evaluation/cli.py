@@ -6,8 +6,9 @@
 writes `<runs_root>/eval/<name>/<timestamp>/` (`latest` points at it): results.md (the table),
 results.csv, intervals.png, suite.json, details/ (per-class tables), and logs the figures and
 files to an MLflow run of its own (experiment `eval/<name>`, the local store under the runs root
-unless --tracking_uri names a server). Features are cached under the suite's `features_dir`, so
-a rerun with the same encoders only fits the protocols and bootstraps again.
+unless --tracking-uri names a server). Features and each (protocol, encoder)'s figures are kept
+under the suite's `features_dir`, so a rerun only extracts and fits what changed (--recompute:
+everything).
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ def parser() -> argparse.ArgumentParser:
     )
     parse.add_argument(
         "--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:1 ..."
+    )
+    parse.add_argument(
+        "--recompute",
+        action="store_true",
+        help="extract and fit everything again instead of reusing kept results",
     )
     parse.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
     return parse
@@ -113,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = args.out or new_run_dir(args.runs_root / "eval" / config.name)
         outcome = evaluate_encoders(
             config, args.encoders, run_dir / "work", protocols=args.protocols, device=args.device,
-            show_progress=not args.no_progress,
+            show_progress=not args.no_progress, reuse=not args.recompute,
         )  # fmt: skip
     except Fm3dError as exc:
         return report(PROG, str(exc))

@@ -114,8 +114,10 @@ def load_entry(named: str, seed: int) -> EncoderEntry:
                 f"{RANDOM_PREFIX}<one of those>"
             )
         module = load_encoder(path)
-        identity = file_digest(path)
         clip = _text_side(path)
+        # The text side is part of what zero-shot and retrieval score, so new CLIP heads beside
+        # the same encoder must not reuse the old figures.
+        identity = file_digest(path) + (f"+{file_digest(clip)}" if clip else "")
     module.requires_grad_(False).eval()
     return EncoderEntry(label, source, module, identity, random_source is not None, clip)
 

@@ -102,10 +102,14 @@ def cached_features(
     features_dir: Path,
     device: torch.device,
     show_progress: bool = True,
+    reuse: bool = True,
 ) -> Features:
-    """`extract_features`, read from `features_dir` when this encoder, spec and cache were seen before."""
+    """`extract_features`, read from `features_dir` when this encoder, spec and cache were seen before.
+
+    reuse: False extracts again (and overwrites what is kept).
+    """
     path = Path(features_dir) / f"{features_key(entry, cache)}.npz"
-    if path.is_file():
+    if reuse and path.is_file():
         with np.load(path) as stored:
             logger.info("features of %s read from %s", entry.label, path)
             return Features([str(s) for s in stored["study_ids"]], stored["values"])

@@ -1,42 +1,31 @@
 """Run a suite: every protocol for every encoder on the same studies, then the paired bootstrap.
 
 `evaluate_encoders(config, encoders)` is the library call behind `fm3d eval-encoders`. Features
-are extracted once per encoder (and read back from `features_dir` on a rerun); each protocol
-scores each encoder on the test split; the bootstrap then draws `resamples` sets of test
-patients once and scores every encoder on the same draws, which gives each figure its interval
-and each encoder's difference to the first named its paired interval.
+are extracted once per encoder; each protocol scores each encoder on the test split, and its
+figures are computed on every bootstrap draw of the test patients (`scores.score`: the same
+draws for every encoder), which gives each figure its interval and each encoder's difference to
+the first named its paired interval. Features and figures are kept under `features_dir`, so a
+rerun only extracts or fits what changed (`reuse=False` recomputes everything).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import polars as pl
 import torch
 
 from downstream.base import safe_name
-from downstream.evaluation.bootstrap import (
-    Interval,
-    patient_resamples,
-    percentile_interval,
-    resampled_metrics,
-)
+from downstream.evaluation.bootstrap import Interval, percentile_interval
 from downstream.evaluation.config import SuiteConfig
 from downstream.evaluation.encoders import EncoderEntry, load_entries
-from downstream.evaluation.features import cached_features, input_notes
-from downstream.evaluation.protocol import (
-    EvalContext,
-    Protocol,
-    ProtocolError,
-    ProtocolResult,
-    build_protocol,
-)
+from downstream.evaluation.features import cached_features, features_key, input_notes
+from downstream.evaluation.protocol import EvalContext, Protocol, ProtocolError, build_protocol
+from downstream.evaluation.scores import Scored, load_scored, save_scored, score, scores_key
 from downstream.evaluation.studies import Features, Studies
 from fm3d.data.cache import PreparedCache
 from fm3d.train.progress import progress
@@ -45,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 # The verdict of a paired difference whose interval holds zero.
 NO_DIFFERENCE = "no difference"
+# Where each (protocol, encoder)'s figures are kept, under the suite's features_dir.
+SCORES_FOLDER = "scores"
 
 
 @dataclass
@@ -54,15 +45,16 @@ class SuiteOutcome:
     table: one row per (protocol, metric, encoder): value, interval, and the paired difference
         to the reference encoder (the first named that ran the protocol) with its verdict.
     encoders: per encoder, what the table's notes say (source, identity, input spec, notes).
-    results: the protocols' own results, by (protocol, encoder label).
+    results: each (protocol, encoder label)'s figures, choices and detail tables.
     skipped: (protocol, encoder label) -> why the protocol did not run for that encoder.
-    timings_s: seconds spent extracting features, running protocols and bootstrapping.
+    timings_s: seconds spent extracting features, running protocols and bootstrapping (what
+        was read back from an earlier run costs none of them).
     """
 
     config: SuiteConfig
     table: pl.DataFrame
     encoders: list[dict[str, Any]]
-    results: dict[tuple[str, str], ProtocolResult]
+    results: dict[tuple[str, str], Scored]
     skipped: dict[tuple[str, str], str]
     timings_s: dict[str, float] = field(default_factory=dict)
 
@@ -73,13 +65,19 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@dataclass(frozen=True)
+class _RunOptions:
+    show_progress: bool
+    reuse: bool
+
+
 class _FeatureSource:
     """An encoder's features, extracted (or read back) on first use, with the time it took."""
 
     def __init__(self, entry: EncoderEntry, cache: PreparedCache, features_dir: Path, device: torch.device,
-                 show_progress: bool) -> None:  # fmt: skip
+                 options: _RunOptions) -> None:  # fmt: skip
         self.entry, self.cache, self.features_dir = entry, cache, features_dir
-        self.device, self.show_progress = device, show_progress
+        self.device, self.options = device, options
         self.seconds = 0.0
         self._features: Features | None = None
 
@@ -87,8 +85,9 @@ class _FeatureSource:
         if self._features is None:
             start = time.perf_counter()
             self._features = cached_features(
-                self.entry, self.cache, self.features_dir, self.device, self.show_progress
-            )
+                self.entry, self.cache, self.features_dir, self.device, self.options.show_progress,
+                reuse=self.options.reuse,
+            )  # fmt: skip
             self.seconds += time.perf_counter() - start
         return self._features
 
@@ -101,97 +100,93 @@ def _run_protocols(
     studies: Studies,
     work_dir: Path,
     device: torch.device,
-    show_progress: bool,
-) -> tuple[dict[tuple[str, str], ProtocolResult], dict[tuple[str, str], str], dict[str, float]]:
-    results, skipped = {}, {}
-    sources = [_FeatureSource(e, cache, config.features_dir, device, show_progress) for e in entries]
+    options: _RunOptions,
+) -> tuple[dict[tuple[str, str], Scored], dict[tuple[str, str], str], dict[str, float]]:
+    """Every (protocol, encoder) scored, or read back; what was skipped and why; the time of each part."""
+    scored, skipped = {}, {}
+    sources = [_FeatureSource(e, cache, config.features_dir, device, options) for e in entries]
+    split = {"fractions": list(config.data.split_fractions), "seed": config.data.split_seed}
     bar = progress(
-        total=len(entries) * len(protocols), desc="eval-encoders", unit="run", disable=not show_progress
+        total=len(entries) * len(protocols),
+        desc="eval-encoders",
+        unit="run",
+        disable=not options.show_progress,
     )
-    start = time.perf_counter()
+    timings = {"protocols_s": 0.0, "bootstrap_s": 0.0}
     for entry, features in zip(entries, sources, strict=True):
         for name, protocol in protocols.items():
             bar.set_postfix(encoder=entry.label, protocol=name)
             reason = protocol.unavailable(entry)
             if reason:
                 skipped[(name, entry.label)] = reason
-            else:
-                context = EvalContext(
-                    entry,
-                    cache,
-                    studies,
-                    features,
-                    config.seed,
-                    device,
-                    work_dir / name / safe_name(entry.label),
-                )
-                context.work_dir.mkdir(parents=True, exist_ok=True)
-                results[(name, entry.label)] = protocol.run(context)
+                bar.update()
+                continue
+            key = scores_key(
+                features_key(entry, cache), name, config.protocols[name], split, config.seed,
+                config.bootstrap.resamples,
+            )  # fmt: skip
+            folder = config.features_dir / SCORES_FOLDER / key
+            found = load_scored(folder) if options.reuse else None
+            if found is None:
+                folder_of_run = work_dir / name / safe_name(entry.label)
+                context = EvalContext(entry, cache, studies, features, config.seed, device, folder_of_run)
+                found = _run_and_score(protocol, context, features, config.bootstrap.resamples, timings)
+                save_scored(found, folder)
+            scored[(name, entry.label)] = found
             bar.update()
     bar.close()
-    extraction = sum(s.seconds for s in sources)
-    return (
-        results,
-        skipped,
-        {"features_s": extraction, "protocols_s": time.perf_counter() - start - extraction},
-    )
+    timings["features_s"] = sum(s.seconds for s in sources)
+    return scored, skipped, timings
 
 
-def _aligned(
-    score: Callable[[np.ndarray], dict[str, float]], order: np.ndarray
-) -> Callable[[np.ndarray], dict[str, float]]:
-    """`score` of a result whose rows are another encoder's in `order` (rows of the reference -> its rows)."""
-    return lambda rows: score(order[rows])
-
-
-def compare(
-    protocol: str,
-    results: dict[str, ProtocolResult],
-    studies: Studies,
+def _run_and_score(
+    protocol: Protocol,
+    context: EvalContext,
+    features: _FeatureSource,
     resamples: int,
-    confidence: float,
-    seed: int,
-) -> list[dict[str, Any]]:
+    timings: dict[str, float],
+) -> Scored:
+    """Run `protocol` for one encoder and score it on the draws, adding the time of each to `timings`.
+
+    The protocol's time leaves out the feature extraction its first call to `features` does.
+    """
+    context.work_dir.mkdir(parents=True, exist_ok=True)
+    start, extracting = time.perf_counter(), features.seconds
+    result = protocol.run(context)
+    timings["protocols_s"] += time.perf_counter() - start - (features.seconds - extracting)
+    start = time.perf_counter()
+    scored = score(result, context.studies, resamples, context.seed)
+    timings["bootstrap_s"] += time.perf_counter() - start
+    return scored
+
+
+def compare(protocol: str, scored: dict[str, Scored], confidence: float) -> list[dict[str, Any]]:
     """Rows of one protocol: figures with intervals, and paired differences to the first encoder.
 
-    The first encoder of `results` is the reference.
+    The first encoder of `scored` is the reference; all were scored on the same draws (`scores.score`).
     """
-    labels = list(results)
-    reference = results[labels[0]]
-    position = {s: i for i, s in enumerate(reference.study_ids)}
-    scores = {}
-    for label, result in results.items():
-        if sorted(result.study_ids) != sorted(reference.study_ids):
+    labels = list(scored)
+    reference = scored[labels[0]]
+    rows = []
+    for label, own in scored.items():
+        if own.study_ids != reference.study_ids:
             raise ProtocolError(
                 f"protocol {protocol!r} scored different test studies for {label!r} and {labels[0]!r}; "
                 "a protocol must score every encoder on the suite's test split"
             )
-        order = np.empty(len(result.study_ids), dtype=np.int64)
-        order[[position[s] for s in result.study_ids]] = np.arange(len(result.study_ids))
-        scores[label] = _aligned(result.score, order)
-    draws = patient_resamples(studies.patients(reference.study_ids), resamples, seed)
-    everything = np.arange(len(reference.study_ids))
-    points = {label: score(everything) for label, score in scores.items()}
-    resampled = {label: resampled_metrics(score, draws) for label, score in scores.items()}
-    rows = []
-    for label in labels:
-        for metric, value in points[label].items():
-            own = percentile_interval(value, resampled[label][metric], confidence)
-            row = {"protocol": protocol, "metric": metric, "encoder": label, "value": own.value,
-                   "ci_low": own.low, "ci_high": own.high, "resamples": own.resamples,
-                   "n_test": len(everything), "diff": None, "diff_low": None, "diff_high": None,
+        for metric, value in own.points.items():
+            interval = percentile_interval(value, own.draws[metric], confidence)
+            row = {"protocol": protocol, "metric": metric, "encoder": label, "value": interval.value,
+                   "ci_low": interval.low, "ci_high": interval.high, "resamples": interval.resamples,
+                   "n_test": len(own.study_ids), "diff": None, "diff_low": None, "diff_high": None,
                    "verdict": "reference" if label == labels[0] else None}  # fmt: skip
-            if label != labels[0] and metric in points[labels[0]]:
-                diff = _difference(value, points[labels[0]][metric], resampled[label][metric],
-                                   resampled[labels[0]][metric], confidence)  # fmt: skip
+            if label != labels[0] and metric in reference.points:
+                diff = percentile_interval(
+                    value - reference.points[metric], own.draws[metric] - reference.draws[metric], confidence
+                )
                 row.update(diff=diff.value, diff_low=diff.low, diff_high=diff.high, verdict=_verdict(diff))
             rows.append(row)
     return rows
-
-
-def _difference(value: float, reference: float, draws: np.ndarray, reference_draws: np.ndarray,
-                confidence: float) -> Interval:  # fmt: skip
-    return percentile_interval(value - reference, draws - reference_draws, confidence)
 
 
 def _verdict(diff: Interval) -> str:
@@ -217,8 +212,14 @@ def evaluate_encoders(
     protocols: list[str] | None = None,
     device: str = "auto",
     show_progress: bool = True,
+    reuse: bool = True,
 ) -> SuiteOutcome:
-    """Run `config`'s protocols (or the named subset) for `encoders` (see `encoders.load_entry`)."""
+    """Run `config`'s protocols (or the named subset) for `encoders` (see `encoders.load_entry`).
+
+    work_dir: where protocols put files worth keeping (e.g. a segmentation decoder's logs).
+    reuse: read features and figures kept by an earlier run with the same inputs (see the
+        module docstring); False extracts and fits everything again (and overwrites them).
+    """
     if not encoders:
         raise ProtocolError("name at least one encoder (the first is the one the others are compared with)")
     chosen = protocols or list(config.protocols)
@@ -233,17 +234,20 @@ def evaluate_encoders(
     entries = load_entries(encoders, config.seed)
     torch_device = _device(device)
     results, skipped, timings = _run_protocols(
-        config, entries, built, cache, studies, Path(work_dir), torch_device, show_progress
+        config,
+        entries,
+        built,
+        cache,
+        studies,
+        Path(work_dir),
+        torch_device,
+        _RunOptions(show_progress, reuse),
     )
-    start = time.perf_counter()
     rows = []
     for name in chosen:
         ran = {e.label: results[(name, e.label)] for e in entries if (name, e.label) in results}
         if ran:
-            rows += compare(
-                name, ran, studies, config.bootstrap.resamples, config.bootstrap.confidence, config.seed
-            )
-    timings["bootstrap_s"] = time.perf_counter() - start
+            rows += compare(name, ran, config.bootstrap.confidence)
     described = [
         {
             "label": e.label, "source": e.source, "identity": e.identity, "random_init": e.random_init,

@@ -8,6 +8,7 @@ import pytest
 
 from downstream.evaluation.bootstrap import patient_resamples, percentile_interval, resampled_metrics
 from downstream.evaluation.protocol import ProtocolError, ProtocolResult
+from downstream.evaluation.scores import score
 from downstream.evaluation.studies import Studies
 from downstream.evaluation.suite import NO_DIFFERENCE, compare
 
@@ -76,10 +77,9 @@ def test_paired_difference_is_exact_for_a_constant_shift_and_aligned_by_study() 
     order = rng.permutation(30)
     shifted = ProtocolResult([ids[i] for i in order], mean_score(values[order] + 0.1))
     same = ProtocolResult(ids, mean_score(values))
-    rows = {
-        r["encoder"]: r
-        for r in compare("p", {"a": reference, "b": shifted, "c": same}, studies, 500, 0.95, 0)
-    }
+    scored = {label: score(result, studies, 500, seed=0) for label, result in
+              {"a": reference, "b": shifted, "c": same}.items()}  # fmt: skip
+    rows = {r["encoder"]: r for r in compare("p", scored, 0.95)}
     assert rows["a"]["verdict"] == "reference" and rows["a"]["diff"] is None
     assert rows["b"]["diff"] == pytest.approx(0.1)
     assert rows["b"]["diff_low"] == pytest.approx(0.1) and rows["b"]["diff_high"] == pytest.approx(0.1)
@@ -95,4 +95,4 @@ def test_encoders_scored_on_different_studies_are_refused() -> None:
     a = ProtocolResult(["s0", "s1", "s2", "s3"], mean_score(values))
     b = ProtocolResult(["s0", "s1", "s2"], mean_score(values[:3]))
     with pytest.raises(ProtocolError, match="different test studies"):
-        compare("p", {"a": a, "b": b}, studies, 10, 0.95, 0)
+        compare("p", {"a": score(a, studies, 10, 0), "b": score(b, studies, 10, 0)}, 0.95)
