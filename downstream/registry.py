@@ -9,7 +9,7 @@ in the group `fm3d.tasks` (`name = "package.module:TaskClass"`, in their pyproje
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from importlib.metadata import EntryPoint
 from typing import Any
 
@@ -25,9 +25,14 @@ class TaskRegistryError(RegistryError):
 
 
 TASKS = Registry("downstream task", TASKS_PACKAGE, ENTRY_POINT_GROUP, "task_name", TaskRegistryError)
-# `@register_task("name")` on a `DownstreamTask` subclass makes it buildable by name; the class
-# gets a `task_name` attribute, which the CLI and the evaluation reports use.
-register_task = TASKS.register
+
+
+def register_task(name: str) -> Callable[[type], type]:
+    """Class decorator that makes a `DownstreamTask` subclass buildable by `name`.
+
+    The class gets a `task_name` attribute, which the CLI and the evaluation reports use.
+    """
+    return TASKS.register(name)
 
 
 def discover_tasks(found: Iterable[EntryPoint] | None = None) -> dict[str, type]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from importlib.metadata import EntryPoint, entry_points
 from types import ModuleType
 from typing import Any
@@ -79,7 +79,7 @@ class Registry:
         self.name_attribute, self.error = name_attribute, error
         self._entries: dict[str, type] = {}
 
-    def register(self, name: str) -> Any:
+    def register(self, name: str) -> Callable[[type], type]:
         """Class decorator: make the class findable by `name` (and set its name attribute)."""
 
         def decorator(cls: type) -> type:
