@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from sklearn.neighbors import KNeighborsClassifier
 
-from downstream.evaluation.encoders import load_entry
-from downstream.evaluation.features import cached_features
 from downstream.evaluation.multilabel import LabelMatrix
 from downstream.evaluation.protocol import EvalContext, ProtocolError, build_protocol
 from downstream.evaluation.protocols.knn import knn_probabilities
-from downstream.evaluation.studies import Studies
-from fm3d.data.cache import PreparedCache
 
-CPU = torch.device("cpu")
-
-
-def _context(eval_cohort: Path, encoder_dir: Path, work_dir: Path) -> EvalContext:
-    cache = PreparedCache(eval_cohort / "cache")
-    entry = load_entry(f"tiny={encoder_dir}", seed=0)
-    features = cached_features(entry, cache, eval_cohort / "features_protocols", CPU, show_progress=False)
-    studies = Studies.from_cache(cache, (0.5, 0.25, 0.25), 0)
-    return EvalContext(entry, cache, studies, lambda: features, 0, CPU, work_dir)
+# conftest.protocol_context: (encoder folder, work dir[, fractions, label]) -> EvalContext.
+ContextFactory = Callable[..., EvalContext]
 
 
 def _sklearn(train: np.ndarray, labels: LabelMatrix, query: np.ndarray, k: int) -> np.ndarray:
@@ -50,9 +39,9 @@ def test_probabilities_equal_sklearn_cosine_neighbours(k: int) -> None:
 
 
 def test_run_scores_the_test_studies_with_their_neighbours(
-    eval_cohort: Path, tiny_encoder_dir: Path, tmp_path: Path
+    protocol_context: ContextFactory, eval_cohort: Path, tiny_encoder_dir: Path, tmp_path: Path
 ) -> None:
-    context = _context(eval_cohort, tiny_encoder_dir, tmp_path)
+    context = protocol_context(tiny_encoder_dir, tmp_path)
     knn = build_protocol("knn", {"labels": str(eval_cohort / "findings.parquet"), "k": 5})
     result = knn.run(context)
     test_ids, train_ids = context.studies.ids("test"), context.studies.ids("train")
@@ -65,11 +54,11 @@ def test_run_scores_the_test_studies_with_their_neighbours(
 
 
 def test_user_errors_name_the_file_and_the_setting(
-    eval_cohort: Path, tiny_encoder_dir: Path, tmp_path: Path
+    protocol_context: ContextFactory, eval_cohort: Path, tiny_encoder_dir: Path, tmp_path: Path
 ) -> None:
     labels = str(eval_cohort / "findings.parquet")
     with pytest.raises(ProtocolError, match=r"findings\.parquet: has no label column\(s\) \['no_such'\]"):
         build_protocol("knn", {"labels": labels, "label_columns": ["no_such"]})
     too_many = build_protocol("knn", {"labels": labels, "k": 1000})
     with pytest.raises(ProtocolError, match=r"protocols\.knn\.k is 1000 but only \d+ train studies"):
-        too_many.run(_context(eval_cohort, tiny_encoder_dir, tmp_path))
+        too_many.run(protocol_context(tiny_encoder_dir, tmp_path))

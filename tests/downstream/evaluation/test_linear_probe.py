@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -10,23 +11,12 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from downstream.evaluation.encoders import load_entry
-from downstream.evaluation.features import cached_features
 from downstream.evaluation.multilabel import LabelMatrix
 from downstream.evaluation.protocol import EvalContext, ProtocolError, build_protocol
 from downstream.evaluation.protocols.linear_probe import fit_linear_probe, predict, standardise
-from downstream.evaluation.studies import Studies
-from fm3d.data.cache import PreparedCache
 
-CPU = torch.device("cpu")
-
-
-def _context(eval_cohort: Path, encoder_dir: Path, work_dir: Path) -> EvalContext:
-    cache = PreparedCache(eval_cohort / "cache")
-    entry = load_entry(f"tiny={encoder_dir}", seed=0)
-    features = cached_features(entry, cache, eval_cohort / "features_protocols", CPU, show_progress=False)
-    studies = Studies.from_cache(cache, (0.5, 0.25, 0.25), 0)
-    return EvalContext(entry, cache, studies, lambda: features, 0, CPU, work_dir)
+# conftest.protocol_context: (encoder folder, work dir[, fractions, label]) -> EvalContext.
+ContextFactory = Callable[..., EvalContext]
 
 
 @pytest.mark.parametrize("weight_decay", [1e-3, 1e-1])
@@ -49,9 +39,9 @@ def test_probe_equals_sklearn_balanced_logistic_regression(weight_decay: float) 
 
 
 def test_run_selects_on_val_and_scores_the_test_studies(
-    eval_cohort: Path, tiny_encoder_dir: Path, tmp_path: Path
+    protocol_context: ContextFactory, eval_cohort: Path, tiny_encoder_dir: Path, tmp_path: Path
 ) -> None:
-    context = _context(eval_cohort, tiny_encoder_dir, tmp_path)
+    context = protocol_context(tiny_encoder_dir, tmp_path)
     settings = {"labels": str(eval_cohort / "findings.parquet"), "lrs": [1e-2, 1e-1],
                 "weight_decays": [1e-3, 1e-1], "epochs": 100}  # fmt: skip
     probe = build_protocol("linear_probe", settings)

@@ -3,7 +3,7 @@ test rows and on a resample with repeats, and one run through a real EvalContext
 
 from __future__ import annotations
 
-import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -12,45 +12,13 @@ import pytest
 import torch
 
 from downstream.evaluation.encoders import load_entry
-from downstream.evaluation.features import cached_features
 from downstream.evaluation.protocol import EvalContext, ProtocolError, build_protocol
 from downstream.evaluation.protocols.retrieval import NO_TEXT_SIDE, Retrieval, recall_of_rows
-from downstream.evaluation.studies import Studies
-from fm3d.clip import ClipConfig, ClipModel, load_clip, save_clip
-from fm3d.data.cache import PreparedCache
-from fm3d.text import init_text_model
+from fm3d.clip import load_clip
 
-CPU = torch.device("cpu")
+# conftest.protocol_context: (encoder folder, work dir[, fractions, label]) -> EvalContext.
+ContextFactory = Callable[..., EvalContext]
 KS = (1, 3, 5)
-
-
-@pytest.fixture(scope="module")
-def clip_export(eval_cohort: Path, tiny_encoder_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`<run>/encoder` (the tiny encoder) beside `<run>/clip` (untrained heads, a from-scratch BERT)."""
-    run = tmp_path_factory.mktemp("clip_run")
-    shutil.copytree(tiny_encoder_dir, run / "encoder")
-    manifest = pl.read_parquet(eval_cohort / "manifest.parquet")
-    reports = [f"{f}\n{i}" for f, i in zip(manifest["findings"], manifest["impression"], strict=True)]
-    text = init_text_model(
-        tmp_path_factory.mktemp("text"), reports, vocab_size=200, hidden_size=32, num_layers=1, num_heads=2,
-        max_length=128,
-    )  # fmt: skip
-    config = ClipConfig(image_embed_dim=32, text_model=str(text), proj_dim=16, pooling="mean", max_length=128)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        save_clip(ClipModel(config), run / "clip")
-    return run / "encoder"
-
-
-def context_of(encoder: Path, cohort: Path, work_dir: Path) -> EvalContext:
-    entry = load_entry(f"clip={encoder}", seed=0)
-    cache = PreparedCache(cohort / "cache")
-    studies = Studies.from_cache(cache, (0.25, 0.25, 0.5), 0)
-
-    def features():
-        return cached_features(entry, cache, cohort / "features", CPU, show_progress=False)
-
-    return EvalContext(entry, cache, studies, features, 0, CPU, work_dir)
 
 
 def hand_recall(similarity: np.ndarray, rows: np.ndarray, k: int) -> float:
@@ -83,8 +51,10 @@ def test_recall_equals_the_argsort_on_all_rows_and_on_a_resample_with_repeats() 
     assert [got[f"t2i_recall@{k}"] for k in (1, 2, 3)] == pytest.approx([2 / 3, 2 / 3, 1])
 
 
-def test_retrieval_through_a_real_context(eval_cohort: Path, clip_export: Path, tmp_path: Path) -> None:
-    context = context_of(clip_export, eval_cohort, tmp_path)
+def test_retrieval_through_a_real_context(
+    protocol_context: ContextFactory, eval_cohort: Path, clip_export: Path, tmp_path: Path
+) -> None:
+    context = protocol_context(clip_export, tmp_path, (0.25, 0.25, 0.5), "clip")
     assert context.encoder.clip == clip_export.parent / "clip"
     protocol = build_protocol("retrieval", {"report_columns": ["findings", "impression"], "ks": list(KS)})
     result = protocol.run(context)
@@ -115,9 +85,9 @@ def test_retrieval_through_a_real_context(eval_cohort: Path, clip_export: Path, 
 
 
 def test_reports_from_a_table_keyed_by_volume_name(
-    eval_cohort: Path, clip_export: Path, tmp_path: Path
+    protocol_context: ContextFactory, eval_cohort: Path, clip_export: Path, tmp_path: Path
 ) -> None:
-    context = context_of(clip_export, eval_cohort, tmp_path)
+    context = protocol_context(clip_export, tmp_path, (0.25, 0.25, 0.5), "clip")
     test = context.studies.ids("test")
     with_report = test[::2]
     table = tmp_path / "reports.csv"
@@ -130,12 +100,16 @@ def test_reports_from_a_table_keyed_by_volume_name(
 
 
 def test_retrieval_needs_a_text_side_and_report_columns(
-    eval_cohort: Path, tiny_encoder_dir: Path, clip_export: Path, tmp_path: Path
+    protocol_context: ContextFactory,
+    eval_cohort: Path,
+    tiny_encoder_dir: Path,
+    clip_export: Path,
+    tmp_path: Path,
 ) -> None:
     assert Retrieval().unavailable(load_entry(str(tiny_encoder_dir), seed=0)) == NO_TEXT_SIDE
     assert Retrieval().unavailable(load_entry(f"random:{clip_export}", seed=0)) == NO_TEXT_SIDE
     assert Retrieval().unavailable(load_entry(str(clip_export), seed=0)) is None
-    context = context_of(clip_export, eval_cohort, tmp_path)
+    context = protocol_context(clip_export, tmp_path, (0.25, 0.25, 0.5), "clip")
     with pytest.raises(
         ProtocolError, match=r"index.parquet has no report columns \['summary'\].*report_columns"
     ):

@@ -4,7 +4,7 @@ zero-shot task computes on the same studies with the same encoder, CLIP and prom
 from __future__ import annotations
 
 import math
-import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,46 +15,13 @@ from sklearn.metrics import f1_score, roc_auc_score
 
 from downstream.data import ClassificationDataModule
 from downstream.evaluation.encoders import load_entry
-from downstream.evaluation.features import cached_features
 from downstream.evaluation.protocol import EvalContext, ProtocolError, build_protocol
 from downstream.evaluation.protocols.zero_shot import NO_TEXT_SIDE, ZeroShot
-from downstream.evaluation.studies import Studies
 from downstream.tasks.zero_shot import ZeroShotTask
-from fm3d.clip import ClipConfig, ClipModel, save_clip
 from fm3d.data.base import LoaderSettings
-from fm3d.data.cache import PreparedCache
-from fm3d.text import init_text_model
 
-CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def clip_export(eval_cohort: Path, tiny_encoder_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`<run>/encoder` (the tiny encoder) beside `<run>/clip` (untrained heads, a from-scratch BERT)."""
-    run = tmp_path_factory.mktemp("clip_run")
-    shutil.copytree(tiny_encoder_dir, run / "encoder")
-    manifest = pl.read_parquet(eval_cohort / "manifest.parquet")
-    reports = [f"{f}\n{i}" for f, i in zip(manifest["findings"], manifest["impression"], strict=True)]
-    text = init_text_model(
-        tmp_path_factory.mktemp("text"), reports, vocab_size=200, hidden_size=32, num_layers=1, num_heads=2,
-        max_length=128,
-    )  # fmt: skip
-    config = ClipConfig(image_embed_dim=32, text_model=str(text), proj_dim=16, pooling="mean", max_length=128)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        save_clip(ClipModel(config), run / "clip")
-    return run / "encoder"
-
-
-def context_of(encoder: Path, cohort: Path, work_dir: Path) -> EvalContext:
-    entry = load_entry(f"clip={encoder}", seed=0)
-    cache = PreparedCache(cohort / "cache")
-    studies = Studies.from_cache(cache, (0.25, 0.25, 0.5), 0)
-
-    def features():
-        return cached_features(entry, cache, cohort / "features", CPU, show_progress=False)
-
-    return EvalContext(entry, cache, studies, features, 0, CPU, work_dir)
+# conftest.protocol_context: (encoder folder, work dir[, fractions, label]) -> EvalContext.
+ContextFactory = Callable[..., EvalContext]
 
 
 def task_outputs(encoder: Path, cohort: Path, names: list[str], test: list[str]) -> tuple[dict, dict]:
@@ -74,9 +41,9 @@ def task_outputs(encoder: Path, cohort: Path, names: list[str], test: list[str])
 
 
 def test_zero_shot_equals_sklearn_and_the_downstream_task(
-    eval_cohort: Path, clip_export: Path, tmp_path: Path
+    protocol_context: ContextFactory, eval_cohort: Path, clip_export: Path, tmp_path: Path
 ) -> None:
-    context = context_of(clip_export, eval_cohort, tmp_path)
+    context = protocol_context(clip_export, tmp_path, (0.25, 0.25, 0.5), "clip")
     protocol = build_protocol(
         "zero_shot", {"labels": str(eval_cohort / "findings.parquet"), "prompts": "demo"}
     )
