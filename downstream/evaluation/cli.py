@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from lightning.pytorch.loggers import MLFlowLogger
+from transformers.utils import logging as hf_logging
 
 from downstream.base import safe_name
 from downstream.evaluation.config import SuiteConfig
@@ -27,6 +28,7 @@ from downstream.evaluation.report import markdown_report, write_report
 from downstream.evaluation.suite import SuiteOutcome, evaluate_encoders
 from fm3d.cli_errors import report
 from fm3d.errors import Fm3dError
+from fm3d.train.progress import is_terminal
 from fm3d.train.runs import new_run_dir, point_latest
 from fm3d.train.tracking import build_mlflow_logger, store_root
 
@@ -106,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `fm3d eval-encoders`."""
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.no_progress or not is_terminal(sys.stdout):
+        # Hugging Face's weight-loading bars (the CLIP text tower) are carriage-return bars:
+        # noise between the plain progress lines of a log.
+        hf_logging.disable_progress_bar()
     try:
         config = SuiteConfig.from_yaml(args.config)
         changes = {}
