@@ -18,9 +18,11 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 # The demo cohort, EHR labels, prepared cache and a tiny encoder pretrained with all four
-# objectives on CPU; ends with the summary (run folder, best/last checkpoint, export, MLflow run).
+# objectives on CPU, with the summary (run folder, best/last checkpoint, export, MLflow run);
+# ends with the evaluation suite's table (pretrained against random weights). DEMO_ARGS go to
+# `fm3d pretrain fit`, EVAL_ARGS to `fm3d eval-encoders`.
 demo: setup
-	FM3D=$(BIN)/fm3d PYTHON=$(BIN)/python bash scripts/demo.sh $(DEMO_ARGS)
+	FM3D=$(BIN)/fm3d PYTHON=$(BIN)/python EVAL_ARGS="$(EVAL_ARGS)" bash scripts/demo.sh $(DEMO_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -34,6 +34,8 @@ DEMO_ARGS = (
     "--trainer.max_epochs 1 --trainer.limit_train_batches 3 --trainer.check_val_every_n_epoch 1 "
     "--trainer.limit_val_batches 2"
 )
+# The demo's evaluation suite with fewer bootstrap draws (every protocol still runs).
+EVAL_ARGS = "--resamples 50"
 SMALL = {
     ("finetune", "fit"): ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
                           "--data.loader.num_workers", "0"],
@@ -57,7 +59,7 @@ def small_settings(command: str) -> str:
     """`command` with the test's small-settings flags appended."""
     words = shlex.split(command)
     if words[:2] == ["make", "demo"]:
-        return f"{command} DEMO_ARGS={shlex.quote(DEMO_ARGS)}"
+        return f"{command} DEMO_ARGS={shlex.quote(DEMO_ARGS)} EVAL_ARGS={shlex.quote(EVAL_ARGS)}"
     if words[0] != "fm3d":
         return command
     key = ("evaluate",) if words[1] == "evaluate" else tuple(words[1:3])
@@ -99,7 +101,9 @@ def expected_outputs(command: str) -> list[str]:
     words = shlex.split(command)
     if words[:2] == ["make", "demo"]:
         return [f"runs/demo/latest/{path}" for path in
-                ("config.yaml", "checkpoints/last.ckpt", "export/encoder/*", "export/clip/*")]  # fmt: skip
+                ("config.yaml", "checkpoints/last.ckpt", "export/encoder/*", "export/clip/*")] + [
+            f"runs/eval/demo/latest/{name}" for name in ("results.md", "results.csv", "intervals.png")
+        ]  # fmt: skip
     if words[0] != "fm3d":
         return []
     task = Path(words[words.index("--config") + 1]).stem if "--config" in words else None
