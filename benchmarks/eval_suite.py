@@ -14,6 +14,7 @@ must take under 10 % of the first. Prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import tempfile
@@ -21,7 +22,15 @@ import time
 from pathlib import Path
 
 import yaml
-from _common import REPO, machine_line, markdown_table, run_child
+
+HERE = Path(__file__).resolve().parent
+# This script's folder comes first on sys.path and holds a `downstream.py`: drop the folder so
+# `import downstream` finds the fm3d application package, and load _common by path.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+_spec = importlib.util.spec_from_file_location("_common", HERE / "_common.py")
+_common = sys.modules["_common"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_common)
+REPO = _common.REPO
 
 CHILD = "--child"
 
@@ -61,7 +70,7 @@ def main() -> None:
     config["data"]["cache_dir"] = str(REPO / config["data"]["cache_dir"])
     for settings in config["protocols"].values():
         for key, value in settings.items():
-            if isinstance(value, str) and (REPO / value).exists():
+            if isinstance(value, str) and (REPO / value).is_file():
                 settings[key] = str(REPO / value)
     if args.quick:
         config["bootstrap"]["resamples"] = 64
@@ -71,7 +80,7 @@ def main() -> None:
         config_path = Path(temporary) / "suite.yaml"
         config_path.write_text(yaml.safe_dump(config))
         argv = [__file__, CHILD, str(config_path), str(args.run), str(Path(temporary) / "work")]
-        first, rerun = run_child(argv), run_child(argv)
+        first, rerun = _common.run_child(argv), _common.run_child(argv)
     rows = []
     for name, result in (("first run", first), ("rerun, kept features and figures", rerun)):
         report = result.report
@@ -82,11 +91,11 @@ def main() -> None:
     share = rerun.report["total_s"] / first.report["total_s"]
     protocols = ", ".join(config["protocols"])
     print(f"### Evaluation suite: 3 encoders, {protocols}; {config['bootstrap']['resamples']} resamples\n")
-    print(markdown_table(
+    print(_common.markdown_table(
         ["run", "features s", "protocols s", "bootstrap s", "total s", "peak RSS MiB"], rows,
         [False, True, True, True, True, True],
     ))  # fmt: skip
-    print(f"\nRerun / first run: {share:.1%} (must be under 10 %). {machine_line()}")
+    print(f"\nRerun / first run: {share:.1%} (must be under 10 %). {_common.machine_line()}")
 
 
 if __name__ == "__main__":

@@ -3,11 +3,13 @@
 Every test study with a report contributes its CT (the cached pooled features through CLIP's
 image projection, as `ClipEvalTask.image_embeddings` does after the encoder) and its report
 (through CLIP's text side, in batches). The cosine similarities of all test CTs and reports are
-computed once; a resample of studies indexes that matrix. Recall@K (`fm3d.metrics.retrieval`,
-ties at chance) is reported both ways, image -> report (`i2t_recall@K`) and report -> image
-(`t2i_recall@K`). On a bootstrap resample a study drawn twice appears twice in the gallery:
-any copy of the query's own study is a correct match (the copies are one study, so finding
-either one is finding it).
+computed once. Recall@K (`fm3d.metrics.retrieval`, ties at chance) is reported both ways,
+image -> report (`i2t_recall@K`) and report -> image (`t2i_recall@K`).
+
+The gallery is always every test study: each query's hit@K against it is computed once, and a
+bootstrap resample draws queries (by patient) and averages their hits. Resampling the gallery
+too would shrink it to the ~63 % of distinct studies a draw holds and make every resample
+easier than the test itself, so the intervals would sit above the figure they belong to.
 """
 
 from __future__ import annotations
@@ -77,18 +79,18 @@ def read_reports(
     return ReportTable(table, columns, source, id_column)
 
 
-def recall_of_rows(similarity: torch.Tensor, rows: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
-    """Recall@K both ways on the studies `rows` (repeats allowed) of a [N CTs, N reports] matrix.
+def query_hits(similarity: torch.Tensor, ks: Sequence[int]) -> dict[str, np.ndarray]:
+    """`<direction>_recall@K` -> each query's (expected) hit@K against the whole gallery.
 
-    A query's correct matches are every copy of its own study among the drawn rows.
+    similarity: [N CTs, N reports], CT i and report i of one study. The mean of a metric's hits
+    over all queries is `fm3d.metrics.retrieval.recall_at_k` of the matrix.
     """
-    index = torch.as_tensor(rows, dtype=torch.long)
-    scores = similarity[index][:, index]  # [R, R]
-    relevance = index[:, None] == index[None, :]
-    out = {}
-    for direction, s, r in ((DIRECTIONS[0], scores, relevance), (DIRECTIONS[1], scores.T, relevance.T)):
-        out.update({f"{direction}_recall@{k}": value for k, value in recall_at_k(s, r, ks).items()})
-    return out
+    hits: dict[str, np.ndarray] = {}
+    for direction, scores in zip(DIRECTIONS, (similarity, similarity.T), strict=True):
+        eye = torch.eye(scores.shape[0], dtype=torch.bool)
+        per_query = [recall_at_k(scores[i : i + 1], eye[i : i + 1], ks) for i in range(scores.shape[0])]
+        hits.update({f"{direction}_recall@{k}": np.asarray([q[k] for q in per_query]) for k in ks})
+    return hits
 
 
 @register_protocol("retrieval")
@@ -147,9 +149,10 @@ class Retrieval(Protocol):
         clip, image = clip_image_embeddings(context, study_ids)  # [N, P]
         text = embed_texts(clip, [reports.get(s) for s in study_ids], self.batch_size)  # [N, P]
         similarity = (image @ text.T).double()  # [N CTs, N reports], cosines
+        hits = query_hits(similarity, self.ks)
 
         def score(rows: np.ndarray) -> dict[str, float]:
-            return recall_of_rows(similarity, rows, self.ks)
+            return {metric: float(per_query[rows].mean()) for metric, per_query in hits.items()}
 
         everything = score(np.arange(len(study_ids)))
         table = pl.DataFrame(

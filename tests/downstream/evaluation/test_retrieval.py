@@ -1,5 +1,5 @@
 """Retrieval protocol: recall@K against a hand computation (argsort of the similarity matrix), on all
-test rows and on a resample with repeats, and one run through a real EvalContext with a CLIP export."""
+test rows and on a resample of queries, and one run through a real EvalContext with a CLIP export."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import torch
 
 from downstream.evaluation.encoders import load_entry
 from downstream.evaluation.protocol import EvalContext, ProtocolError, build_protocol
-from downstream.evaluation.protocols.retrieval import NO_TEXT_SIDE, Retrieval, recall_of_rows
+from downstream.evaluation.protocols.retrieval import NO_TEXT_SIDE, Retrieval, query_hits
 from fm3d.clip import load_clip
+from fm3d.metrics.retrieval import recall_at_k
 
 # conftest.protocol_context: (encoder folder, work dir[, fractions, label]) -> EvalContext.
 ContextFactory = Callable[..., EvalContext]
@@ -22,33 +23,29 @@ KS = (1, 3, 5)
 
 
 def hand_recall(similarity: np.ndarray, rows: np.ndarray, k: int) -> float:
-    """Share of queries whose first correct item (any copy of its study) is in the top k of the argsort."""
-    scores = similarity[np.ix_(rows, rows)]
+    """Share of the queries `rows` (repeats count) whose own item is in the top k of the whole gallery."""
     hits = []
-    for query, row in enumerate(scores):
-        order = np.argsort(-row, kind="stable")
-        first_correct = np.flatnonzero(rows[order] == rows[query])[0]
-        hits.append(first_correct < k)
+    for query in rows:
+        order = np.argsort(-similarity[query], kind="stable")
+        hits.append(np.flatnonzero(order == query)[0] < k)
     return float(np.mean(hits))
 
 
-def test_recall_equals_the_argsort_on_all_rows_and_on_a_resample_with_repeats() -> None:
+def test_recall_equals_the_argsort_on_all_queries_and_on_a_resample_of_them() -> None:
     rng = np.random.default_rng(0)
     similarity = rng.normal(size=(15, 15))  # [CTs, reports]
+    hits = query_hits(torch.from_numpy(similarity), KS)
     resample = np.array([0, 0, 3, 7, 7, 7, 2, 9, 11, 11, 14, 5, 5])
     for rows in (np.arange(15), resample):
-        got = recall_of_rows(torch.from_numpy(similarity), rows, KS)
         for k in KS:
-            assert got[f"i2t_recall@{k}"] == pytest.approx(hand_recall(similarity, rows, k), abs=1e-12)
-            assert got[f"t2i_recall@{k}"] == pytest.approx(hand_recall(similarity.T, rows, k), abs=1e-12)
-    # The rule by hand: study 0 drawn twice. Both copies of a query's own study are correct; the
-    # two copies of another study are two items ranked above it.
-    similarity = torch.tensor([[0.5, 0.9], [0.1, 0.8]], dtype=torch.float64)
-    got = recall_of_rows(similarity, np.array([0, 0, 1]), [1, 2, 3])
-    # CT 0 (twice) ranks report 1 above its own two copies; CT 1 ranks its report first.
-    assert [got[f"i2t_recall@{k}"] for k in (1, 2, 3)] == pytest.approx([1 / 3, 1, 1])
-    # Report 0 (twice) finds a copy of CT 0 first; report 1 ranks both copies of CT 0 above CT 1.
-    assert [got[f"t2i_recall@{k}"] for k in (1, 2, 3)] == pytest.approx([2 / 3, 2 / 3, 1])
+            assert hits[f"i2t_recall@{k}"][rows].mean() == pytest.approx(hand_recall(similarity, rows, k))
+            assert hits[f"t2i_recall@{k}"][rows].mean() == pytest.approx(hand_recall(similarity.T, rows, k))
+    # On all queries the mean hit is fm3d.metrics.retrieval's recall@K of the matrix (ties at chance).
+    tied = torch.tensor([[0.5, 0.5, 0.1], [0.2, 0.9, 0.9], [0.3, 0.3, 0.3]], dtype=torch.float64)
+    tied_hits = query_hits(tied, [1, 2])
+    expected = recall_at_k(tied, ks=(1, 2))
+    assert [tied_hits[f"i2t_recall@{k}"].mean() for k in (1, 2)] == pytest.approx([expected[1], expected[2]])
+    assert tied_hits["i2t_recall@1"].tolist() == pytest.approx([0.5, 0.5, 1 / 3])
 
 
 def test_retrieval_through_a_real_context(
