@@ -75,12 +75,10 @@ def file_digest(path: Path) -> str:
 
 def _random_from(source: str, seed: int) -> nn.Module:
     """The architecture of `source` (registry name or loadable path) with weights drawn from `seed`."""
-    if source in list_encoders():
+    config = None if source in list_encoders() else load_encoder(source).config.to_dict()
+    with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
         torch.manual_seed(seed)
-        return create_encoder(source)
-    config = load_encoder(source).config.to_dict()
-    torch.manual_seed(seed)
-    return encoder_from_config(config)
+        return create_encoder(source) if config is None else encoder_from_config(config)
 
 
 def _text_side(path: Path) -> Path | None:
@@ -90,7 +88,8 @@ def _text_side(path: Path) -> Path | None:
 
 def load_entry(named: str, seed: int) -> EncoderEntry:
     """The encoder named `[label=]source` (see the module docstring), frozen and in eval mode."""
-    label, _, source = named.rpartition("=")
+    # A path that exists is a source even when it holds "=" (no label then).
+    label, _, source = ("", "", named) if Path(named).exists() else named.rpartition("=")
     label = label or source
     random_source = source.removeprefix(RANDOM_PREFIX) if source.startswith(RANDOM_PREFIX) else None
     if random_source is None and source in list_encoders():
