@@ -53,9 +53,11 @@ def input_notes(spec: InputSpec, cache: PreparedCache) -> list[str]:
     """How the encoder's input differs from the prepared studies (empty when it reads them as they are)."""
     prepared = cache.input_spec
     notes = []
-    if not all(math.isclose(a, b, rel_tol=1e-3) for a, b in zip(
-        spec.target_spacing_mm, prepared.target_spacing_mm, strict=True
-    )):  # fmt: skip
+    resampled = not all(
+        math.isclose(a, b, rel_tol=1e-3)
+        for a, b in zip(spec.target_spacing_mm, prepared.target_spacing_mm, strict=True)
+    )
+    if resampled:
         notes.append(
             f"resampled from {list(prepared.target_spacing_mm)} to {list(spec.target_spacing_mm)} mm"
         )
@@ -64,11 +66,9 @@ def input_notes(spec: InputSpec, cache: PreparedCache) -> list[str]:
             f"HU window {list(spec.hu_window)} is wider than the cache's {list(prepared.hu_window)}: "
             "voxels beyond it read as its ends"
         )
-    shapes = {cache.shape(s) for s in cache.study_ids}
-    if (
-        spec.image_size is not None
-        and shapes != {spec.image_size}
-        and spec.target_spacing_mm == prepared.target_spacing_mm
+    # After resampling the size changes anyway; without it, only studies of another size are cut.
+    if spec.image_size is not None and (
+        resampled or {cache.shape(s) for s in cache.study_ids} != {spec.image_size}
     ):
         notes.append(f"centre-cropped or padded to {list(spec.image_size)} voxels")
     return notes

@@ -55,6 +55,10 @@ def test_input_notes_say_where_the_encoder_reads_the_cache_differently(eval_coho
     notes = input_notes(spec.replace(target_spacing_mm=(2.0, 2.0, 2.0), hu_window=(-2000, 1000)), cache)
     assert any("resampled from [3.0, 1.5, 1.5] to [2.0, 2.0, 2.0] mm" in n for n in notes)
     assert any("wider than the cache's" in n for n in notes)
+    assert "centre-cropped or padded to [48, 96, 96] voxels" in notes
+    assert input_notes(spec.replace(image_size=(32, 96, 96)), cache) == [
+        "centre-cropped or padded to [32, 96, 96] voxels"
+    ]
 
 
 def test_unknown_encoder_names_the_choices() -> None:
