@@ -137,7 +137,7 @@ def markdown_report(outcome: SuiteOutcome) -> str:
         f"{outcome.encoders[0]['label']} on the same resamples (paired), 'no difference' where its "
         "interval holds zero.\n",
         to_markdown(wide_table(outcome)),
-        "\n## Encoders\n",
+        "\n## Encoders\n\n",
     ]
     for encoder in outcome.encoders:
         spec = encoder["input_spec"]
