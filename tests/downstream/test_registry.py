@@ -28,7 +28,7 @@ def test_build_task_creates_the_encoder_from_a_registry_name() -> None:
 
 
 def test_unknown_and_duplicate_names_are_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(TaskRegistryError, match="unknown downstream task .*known:"):
+    with pytest.raises(TaskRegistryError, match=r"unknown downstream task .*known:"):
         get_task("no-such-task")
 
     class First(DownstreamTask):
