@@ -14,22 +14,15 @@ must take under 10 % of the first. Prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import _common
 import yaml
 
-HERE = Path(__file__).resolve().parent
-# This script's folder comes first on sys.path and holds a `downstream.py`: drop the folder so
-# `import downstream` finds the fm3d application package, and load _common by path.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-_spec = importlib.util.spec_from_file_location("_common", HERE / "_common.py")
-_common = sys.modules["_common"] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_common)
 REPO = _common.REPO
 
 CHILD = "--child"

@@ -4,35 +4,27 @@ Builds the segmentation task (`downstream.tasks.segmentation.SegmentationTask`: 
 UNETR / SwinUNETR decoder) for each encoder and times `task.infer` — MONAI's
 `sliding_window_inference` with gaussian blending — over a whole CT-sized volume, as
 `fm3d evaluate` and `fm3d finetune predict` run it. One warm-up call, then the median of the
-timed repeats. Prints a markdown table and writes it to docs/benchmarks/downstream.md.
+timed repeats. Prints a markdown table and writes it to docs/benchmarks/segmentation_inference.md.
 
-    python benchmarks/downstream.py           # 96 x 192 x 192 volume (Merlin's 3 x 1.5 x 1.5 mm
+    python benchmarks/segmentation_inference.py           # 96 x 192 x 192 volume (Merlin's 3 x 1.5 x 1.5 mm
                                               # chest-abdomen field of view), ROI 64^3, 3 repeats
-    python benchmarks/downstream.py --quick   # 48 x 96 x 96 volume, ROI 32 x 64 x 64, 1 repeat
+    python benchmarks/segmentation_inference.py --quick   # 48 x 96 x 96 volume, ROI 32 x 64 x 64, 1 repeat
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import time
 from pathlib import Path
 
+import _common
 import torch
 
-HERE = Path(__file__).resolve().parent
-# This script's folder comes first on sys.path and this file is called `downstream.py`: drop the
-# folder so `import downstream` finds the fm3d application package, and load _common by path.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-_spec = importlib.util.spec_from_file_location("_common", HERE / "_common.py")
-_common = sys.modules["_common"] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_common)
+from downstream.tasks.segmentation import SegmentationTask
 
-from downstream.tasks.segmentation import SegmentationTask  # noqa: E402
-
-REPO = HERE.parent
-OUT = REPO / "docs" / "benchmarks" / "downstream.md"
+REPO = _common.REPO
+OUT = REPO / "docs" / "benchmarks" / "segmentation_inference.md"
 ENCODERS = ("vit3d_tiny", "vit3d_small", "swin3d_tiny")
 
 
@@ -88,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     table = _common.markdown_table(headers, rows, numeric=[False, True, False, False, True, True, True])
     text = (
         "# Downstream benchmark: sliding-window segmentation inference on CPU\n\n"
-        f"`python benchmarks/downstream.py{' --quick' if args.quick else ''}` — whole-volume "
+        f"`python benchmarks/segmentation_inference.py{' --quick' if args.quick else ''}` — whole-volume "
         "`SegmentationTask.infer` (MONAI sliding_window_inference, gaussian blending, sw_batch_size 2, "
         f"4 organ classes), median of {repeats} after one warm-up.\n\n{table}\n\n{_common.machine_line()}\n"
     )
