@@ -202,8 +202,9 @@ def run(args: argparse.Namespace) -> str:
                 name,
                 CANDIDATES[name]["attention"],
                 "yes" if CANDIDATES[name]["ckpt"] else "no",
-                f"{seconds:.2f}",
-                ", ".join(f"{median(r['seconds']):.1f}" for r in runs),
+                # Three significant digits: a --quick step can take under 5 ms, which "0.00" hid.
+                f"{seconds:.3g}",
+                ", ".join(f"{median(r['seconds']):.3g}" for r in runs),
                 f"{gflops:.1f}",
                 f"{100 * mfu:.0f} %",
                 ", ".join(f"{max(r['limit_gflops']):.0f}" for r in runs),
