@@ -154,7 +154,7 @@ def markdown_report(outcome: SuiteOutcome) -> str:
         text += [f"- {p} for {e}: {reason}\n" for (p, e), reason in outcome.skipped.items()]
     selected = describe(outcome)["selected"]
     if selected:
-        text.append("\n## Chosen on the validation split\n\n")
+        text.append("\n## Settings each run used (chosen on val where a protocol chooses)\n\n")
         text += [f"- {key}: {json.dumps(value)}\n" for key, value in selected.items()]
     return "".join(text)
 
