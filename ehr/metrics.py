@@ -10,11 +10,18 @@ Pairs are compared in blocks so memory stays O(block x N) while the work is O(ev
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from fm3d.errors import Fm3dError
 
 _BLOCK = 1024  # event rows compared against all samples at once
+
+
+# Where the integrated Brier score is evaluated: these quantiles of the evaluated follow-up, so
+# the grid stays inside the follow-up the IPCW weights can cover.
+IBS_QUANTILES = np.linspace(0.1, 0.8, 8)
 
 
 class SurvivalMetricError(Fm3dError, ValueError):
@@ -202,3 +209,21 @@ def integrated_brier_score(time_train, event_train, time, event, survival_probs,
     is_control = time[:, None] > times[None, :]
     brier = np.mean(probs**2 * is_case / g_y[:, None] + (1 - probs) ** 2 * is_control / g_t[None, :], axis=0)
     return float(np.trapezoid(brier, times) / (times[-1] - times[0]))
+
+
+def ibs_times(time: np.ndarray) -> np.ndarray | None:
+    """The IBS grid of one task's evaluated times: distinct quantiles strictly inside the follow-up.
+
+    None when fewer than two remain (too few distinct times to integrate over).
+    """
+    times = np.unique(np.quantile(time, IBS_QUANTILES))
+    times = times[(times > time.min()) & (times < time.max())]
+    return times if times.size >= 2 else None
+
+
+def defined_or_nan(compute: Callable[[], float]) -> float:
+    """`compute()`, or NaN where the rows cannot define the metric (no events, no comparable pairs)."""
+    try:
+        return float(compute())
+    except SurvivalMetricError:
+        return float("nan")

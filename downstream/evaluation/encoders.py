@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fm3d.data.atomic import content_hash, files_of
 from fm3d.errors import Fm3dError
 from fm3d.io import load_encoder
 from fm3d.models.registry import create_encoder, encoder_from_config, list_encoders
@@ -32,7 +33,6 @@ from fm3d.spec import InputSpec
 RANDOM_PREFIX = "random:"
 # The folder pretraining exports the CLIP heads to, beside `export/encoder`.
 CLIP_FOLDER = "clip"
-_CHUNK = 1 << 20
 
 
 class EncoderSourceError(Fm3dError, ValueError):
@@ -62,15 +62,8 @@ class EncoderEntry:
 
 
 def file_digest(path: Path) -> str:
-    """blake2b of a file's bytes, or of every file under a folder (relative names included)."""
-    digest = hashlib.blake2b(digest_size=16)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode() + b"\0")
-        with file.open("rb") as handle:
-            while chunk := handle.read(_CHUNK):
-                digest.update(chunk)
-    return digest.hexdigest()
+    """BLAKE2b of a file's bytes, or of every file under a folder (`fm3d.data.atomic.content_hash`)."""
+    return content_hash(files_of(path))
 
 
 def _random_from(source: str, seed: int) -> nn.Module:

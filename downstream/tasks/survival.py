@@ -12,7 +12,6 @@ the low- and high-risk halves.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import numpy as np
@@ -23,11 +22,9 @@ from torch import nn
 from downstream.base import DownstreamTask, Evaluation, StepOutput, finite_mean
 from downstream.data import SurvivalDataModule
 from downstream.registry import register_task
-from ehr.metrics import SurvivalMetricError, harrell_c, integrated_brier_score
+from ehr.metrics import defined_or_nan, harrell_c, ibs_times, integrated_brier_score
 from ehr.tte import PiecewiseExponentialHead, fit_bin_edges
 from fm3d.errors import Fm3dError
-
-logger = logging.getLogger(__name__)
 
 
 class SurvivalSetupError(Fm3dError, RuntimeError):
@@ -144,8 +141,8 @@ class SurvivalTask(DownstreamTask):
             rows.append(
                 {
                     "task": name,
-                    "c_index": _or_nan(lambda k=k: harrell_c(time[:, k], event[:, k], risk[:, k])),
-                    "ibs": _or_nan(lambda k=k: self._ibs(time[:, k], event[:, k], log_hazard, k)),
+                    "c_index": defined_or_nan(lambda k=k: harrell_c(time[:, k], event[:, k], risk[:, k])),
+                    "ibs": defined_or_nan(lambda k=k: self._ibs(time[:, k], event[:, k], log_hazard, k)),
                     "events": int(event[:, k].sum()),
                     "n": len(time),
                 }
@@ -159,9 +156,8 @@ class SurvivalTask(DownstreamTask):
         return Evaluation(self.task_name, metrics, {"per_task": table})
 
     def _ibs(self, time: np.ndarray, event: np.ndarray, log_hazard: torch.Tensor, k: int) -> float:
-        times = np.unique(np.quantile(time, np.linspace(0.1, 0.8, 8)))
-        times = times[(times > time.min()) & (times < time.max())]
-        if times.size < 2 or len(self._train_time) == 0:
+        times = ibs_times(time)
+        if times is None or len(self._train_time) == 0:
             return float("nan")
         probs = self.head.survival(log_hazard, torch.as_tensor(times, dtype=log_hazard.dtype))[:, :, k]
         return integrated_brier_score(
@@ -184,12 +180,3 @@ class SurvivalTask(DownstreamTask):
         horizon = torch.tensor([self.horizon_days], dtype=log_hazard.dtype, device=log_hazard.device)
         risk = self.head.cumulative_hazard(log_hazard, horizon)[:, 0]
         return {"study_id": list(batch["study_id"]), "log_hazard": log_hazard, "risk": risk}
-
-
-def _or_nan(compute: Any) -> float:
-    """A metric, or NaN when it is undefined on this split (e.g. no events, no comparable pairs)."""
-    try:
-        return float(compute())
-    except SurvivalMetricError as exc:
-        logger.info("survival metric undefined: %s", exc)
-        return float("nan")

@@ -46,7 +46,8 @@ def remove_stale_temporaries(root: Path, subfolders: list[str]) -> int:
     return removed
 
 
-def _files_of(path: Path) -> list[Path]:
+def files_of(path: Path) -> list[Path]:
+    """The file itself, or every file under a folder (sorted, hidden files left out)."""
     if path.is_dir():
         return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
     return [path]
@@ -72,7 +73,7 @@ def stat_fingerprint(paths: list[Path]) -> str:
     """Sizes and modification times of files (every file under a folder): a cheap "unchanged" check."""
     entries = []
     for path in paths:
-        for file in _files_of(Path(path)):
+        for file in files_of(Path(path)):
             st = file.stat()
             entries.append([str(file), st.st_size, st.st_mtime_ns])
     return json.dumps(entries)

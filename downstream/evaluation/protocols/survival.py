@@ -24,7 +24,6 @@ integral; a resample whose follow-up does not cover the grid gets NaN, left out 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +42,7 @@ from downstream.evaluation.protocol import (
 )
 from ehr.errors import TaskSpecError
 from ehr.labels import read_label_description
-from ehr.metrics import SurvivalMetricError, harrell_c, integrated_brier_score, time_dependent_c
+from ehr.metrics import defined_or_nan, harrell_c, ibs_times, integrated_brier_score, time_dependent_c
 from ehr.tte import PiecewiseExponentialHead, fit_bin_edges
 from fm3d.data.tables import LabelTable, read_table
 
@@ -52,9 +51,6 @@ logger = logging.getLogger(__name__)
 OUTCOME_COLUMNS = ("tte_time", "tte_event")
 # The head's low-rank projection size: the survival fine-tuning task's default.
 HEAD_RANK = 32
-# Where the integrated Brier score is evaluated: these quantiles of the test follow-up (as the
-# survival task does), so the grid stays inside the follow-up the IPCW weights can cover.
-IBS_QUANTILES = np.linspace(0.1, 0.8, 8)
 
 
 @dataclass(frozen=True)
@@ -122,14 +118,6 @@ class SurvivalLabels:
         )
 
 
-def _or_nan(compute: Callable[[], float]) -> float:
-    """A metric, or NaN where these rows cannot define it (no events, no comparable pairs)."""
-    try:
-        return float(compute())
-    except SurvivalMetricError:
-        return float("nan")
-
-
 @dataclass(frozen=True)
 class SurvivalPredictions:
     """A fitted head's predictions of the test studies, made once so a resample only indexes them.
@@ -152,14 +140,14 @@ class SurvivalPredictions:
         """Harrell's C, time-dependent C and IBS of task `k` on `rows` (repeats allowed)."""
         time, event = self.outcomes.time[rows, k], self.outcomes.event[rows, k]
         metrics = {
-            "c_index": _or_nan(lambda: harrell_c(time, event, self.risk[rows, k])),
-            "td_c_index": _or_nan(
+            "c_index": defined_or_nan(lambda: harrell_c(time, event, self.risk[rows, k])),
+            "td_c_index": defined_or_nan(
                 lambda: time_dependent_c(time, event, self.log_hazard[rows, :, k], self.bin_edges)
             ),
             "ibs": float("nan"),
         }
         if self.ibs_times[k] is not None:
-            metrics["ibs"] = _or_nan(
+            metrics["ibs"] = defined_or_nan(
                 lambda: integrated_brier_score(
                     self.train.time[:, k],
                     self.train.event[:, k],
@@ -183,13 +171,6 @@ class SurvivalPredictions:
                 {f"{metric}/{name}": float(v) for name, v in zip(self.task_names, values, strict=True)}
             )
         return scores
-
-
-def ibs_times(time: np.ndarray) -> np.ndarray | None:
-    """The IBS grid of one task's test times: distinct quantiles strictly inside the follow-up."""
-    times = np.unique(np.quantile(time, IBS_QUANTILES))
-    times = times[(times > time.min()) & (times < time.max())]
-    return times if times.size >= 2 else None
 
 
 def fit_head(
@@ -244,7 +225,7 @@ def mean_c_index(
     return finite_mean(
         np.array(
             [
-                _or_nan(lambda k=k: harrell_c(time[:, k], event[:, k], risk[:, k]))
+                defined_or_nan(lambda k=k: harrell_c(time[:, k], event[:, k], risk[:, k]))
                 for k in range(risk.shape[1])
             ]
         )
