@@ -27,6 +27,11 @@ class EncoderOutput:
     hidden: token maps of the layers requested in `forward(..., hidden_layers=...)`, each
         [B, N_i, C_i] (N_i, C_i differ per stage for hierarchical encoders such as Swin).
     hidden_grids: the (d, h, w) grid of each entry of `hidden`.
+
+    A ViT3D called with `keep=` [B, K] (MAE: only those patch tokens enter the blocks) returns
+    `tokens` and every `hidden` entry as [B, K, C], in `keep`'s order, and `pooled` as the cls
+    token or the mean of the K kept tokens; `grid` and `hidden_grids` stay the full grid, so
+    N = d * h * w counts all patches while K of them are present.
     """
 
     tokens: torch.Tensor

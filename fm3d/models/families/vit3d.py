@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fm3d.models.block import Block
-from fm3d.models.config import EncoderConfigError, ViT3DConfig
+from fm3d.models.config import EncoderConfigError, EncoderInputError, ViT3DConfig
 from fm3d.models.encoder import EncoderFamily, EncoderOutput
 from fm3d.models.patch_embed import PatchEmbed3d
 from fm3d.models.pos_embed import resize_pos_embed, sincos_pos_embed_3d
@@ -86,17 +86,47 @@ class ViT3D(nn.Module):
             indices.append(index % depth)
         return indices
 
-    def forward(self, x: torch.Tensor, hidden_layers: Any = None) -> EncoderOutput:
+    def forward(
+        self,
+        x: torch.Tensor,
+        hidden_layers: Any = None,
+        *,
+        keep: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
+        mask_token: torch.Tensor | None = None,
+    ) -> EncoderOutput:
         """Encode x [B, C_in, D, H, W]; `hidden_layers` (0-based, negatives allowed) picks blocks to return.
 
         `hidden` holds the patch tokens after each requested block, before the final norm,
         in the order requested; None means `config.hidden_layers`.
+
+        Two ways to hide patches, for masked-image pretraining (at most one per call):
+        - `keep` [B, K] int64: indices (row-major over the (d, h, w) grid, the order of
+          `x.flatten(2)`) of the only patch tokens the blocks see (MAE). Only the kept patches
+          are projected, each given its own position embedding; `tokens` and `hidden` come back [B, K, C] in
+          `keep`'s order, `pooled` is the cls token or the mean of the kept tokens, `grid`
+          stays the full grid.
+        - `token_mask` [B, N] bool with `mask_token` [C] (a parameter the caller owns): the
+          patch embeddings where the mask is True are replaced by `mask_token` before the
+          position embedding is added, as DINOv2's `prepare_tokens_with_masks` (iBOT).
+          `mask_token` alone is ignored, so a caller can pass its parameter for every view.
         """
         wanted = self._hidden_indices(hidden_layers)
-        x = self.patch_embed(x)  # [B, C, d, h, w]
-        grid = tuple(x.shape[2:])
-        x = x.flatten(2).transpose(1, 2)  # [B, N, C]
-        x = x + resize_pos_embed(self.pos_embed, self.config.grid, grid).to(x.dtype)
+        grid = self.patch_embed.grid(tuple(x.shape[2:]))
+        self._check_masking(x.shape[0], grid, keep, token_mask, mask_token)
+        pos_embed = resize_pos_embed(self.pos_embed, self.config.grid, grid)  # [1, N, C]
+        if keep is not None:
+            # Only the kept patches are projected, and given their positions.
+            x = self.patch_embed(x, keep=keep)  # [B, K, C]
+            index = keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+            x = x + pos_embed.to(x.dtype).expand(x.shape[0], -1, -1).gather(1, index)
+        else:
+            x = self.patch_embed(x).flatten(2).transpose(1, 2)  # [B, N, C]
+            if token_mask is not None:
+                # torch.where, not indexing: the mask token stays in the graph (a zero gradient
+                # when nothing is masked), so DDP sees it used in every step.
+                x = torch.where(token_mask.unsqueeze(-1), mask_token.to(x.dtype), x)
+            x = x + pos_embed.to(x.dtype)
         prefix = 0
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
@@ -117,6 +147,49 @@ class ViT3D(nn.Module):
             hidden=[kept[i] for i in wanted],
             hidden_grids=[grid] * len(wanted),
         )
+
+    def _check_masking(
+        self,
+        batch: int,
+        grid: tuple[int, int, int],
+        keep: torch.Tensor | None,
+        token_mask: torch.Tensor | None,
+        mask_token: torch.Tensor | None,
+    ) -> None:
+        """Refuse `keep` / `token_mask` / `mask_token` that do not fit B inputs of this token grid."""
+        n_tokens, dim = grid[0] * grid[1] * grid[2], self.embed_dim
+        if keep is not None and token_mask is not None:
+            raise EncoderInputError(
+                "ViT3D.forward got both keep= and token_mask=; drop tokens (keep, MAE) or replace them "
+                "(token_mask, iBOT), not both in one call."
+            )
+        if keep is not None:
+            if keep.dtype != torch.long or keep.ndim != 2 or keep.shape[0] != batch:
+                raise EncoderInputError(
+                    f"keep= must be an int64 tensor [B={batch}, K] of patch-token indices; got "
+                    f"{keep.dtype} of shape {tuple(keep.shape)}."
+                )
+            # One host sync per call; an out-of-range index would otherwise be a device assert.
+            if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= n_tokens):
+                raise EncoderInputError(
+                    f"keep= holds indices outside [0, {n_tokens}), the patch tokens of this input's grid."
+                )
+        if token_mask is not None:
+            if mask_token is None:
+                raise EncoderInputError(
+                    "ViT3D.forward got token_mask= without mask_token=; pass the [C] mask token "
+                    "that replaces the masked patch embeddings."
+                )
+            if token_mask.dtype != torch.bool or tuple(token_mask.shape) != (batch, n_tokens):
+                raise EncoderInputError(
+                    f"token_mask= must be a bool tensor [B={batch}, N={n_tokens}] (N: patch tokens of this "
+                    f"input's grid); got {token_mask.dtype} of shape {tuple(token_mask.shape)}."
+                )
+            if tuple(mask_token.shape) != (dim,) or not mask_token.is_floating_point():
+                raise EncoderInputError(
+                    f"mask_token= must be a float tensor [C={dim}]; got {mask_token.dtype} of shape "
+                    f"{tuple(mask_token.shape)}."
+                )
 
 
 def vit_layer_id(param_name: str, depth: int) -> int:
