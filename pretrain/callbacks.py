@@ -62,7 +62,7 @@ class ExportEncoder(pl.Callback):
             }
         export_dir = Path(trainer.default_root_dir) / "export"
         encoder = encoder_from_config(pl_module.encoder.config.to_dict())
-        encoder.load_state_dict(_sub_state(state, "encoder."))
+        encoder.load_state_dict(_sub_state(state, pl_module.exported_encoder_prefix()))
         fm3d.save_encoder(encoder, export_dir / "encoder")
         (export_dir / self.SOURCE_FILE).write_text(json.dumps(source, indent=1) + "\n")
         log_artifacts(trainer, export_dir / self.SOURCE_FILE, "export")

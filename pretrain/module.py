@@ -25,6 +25,7 @@ from fm3d.io import CKPT_CONFIG_KEY
 from fm3d.models.encoder import EncoderOutput
 from fm3d.spec import InputSpec
 from pretrain.data_contract import PretrainConfigError, check_data_module, spec_overrides
+from pretrain.objectives.base import Objective
 from pretrain.optim import OptimizerSettings, build_optimizer
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ ObjectiveFactory = Callable[[int], nn.Module]
 
 
 class PretrainModule(pl.LightningModule):
-    """Pretrains an fm3d encoder with any mix of VoCo, CLIP, phenotype and time-to-event objectives.
+    """Pretrains an fm3d encoder with any mix of VoCo, DINO, MAE, CLIP, phenotype and TTE objectives.
 
     Args:
         encoder: registry name for `fm3d.create_encoder` (e.g. "vit3d_tiny").
@@ -97,6 +98,14 @@ class PretrainModule(pl.LightningModule):
         self.encoder = fm3d.create_encoder(encoder, **{**self.encoder_overrides, **from_spec})
         embed_dim = self.encoder.embed_dim
         self.objectives = nn.ModuleDict({name: make(embed_dim) for name, make in objectives.items()})
+        for name, objective in self.objectives.items():
+            if not isinstance(objective, Objective):
+                raise PretrainConfigError(
+                    f"model.objectives.{name} is a {type(objective).__qualname__}; an objective must "
+                    "subclass pretrain.objectives.base.Objective (docs/objectives.md)"
+                )
+            # Before compiling: DINO copies the encoder as its teacher, MAE reads its patch grid.
+            objective.bind(self.encoder)
         self.loss_weights = {name: float(loss_weights.get(name, 1.0)) for name in objectives}
         # Plain types only: Lightning writes hparams into every checkpoint, and fm3d.load_encoder
         # reads checkpoints with weights_only=True.
@@ -161,25 +170,29 @@ class PretrainModule(pl.LightningModule):
         }
         total = torch.zeros((), device=self.device)
         for name, objective in self.objectives.items():
-            loss, metrics = objective(batch, encoded)
+            seen = {**encoded, **objective.encode(self.encoder, batch)}
+            loss, metrics = objective(batch, seen)
             total = total + self.loss_weights[name] * loss
             self.log(f"{stage}/{name}/loss", loss, **log)
             for key, value in metrics.items():
                 self.log(f"{stage}/{name}/{key}", value, **log)
             if stage == "val":
-                objective.update_validation(batch, encoded)
+                objective.update_validation(batch, seen)
         self.log(f"{stage}/loss", total, prog_bar=True, **log)
         return total
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "train")
 
-    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
-        # EMA teachers (VoCo) follow their students after each optimizer step.
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        # Schedules inside objectives (DINO's teacher temperature and momentum) follow the step.
         for objective in self.objectives.values():
-            hook = getattr(objective, "on_train_batch_end", None)
-            if hook is not None:
-                hook()
+            objective.on_train_batch_start(self.global_step, self.max_steps)
+
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        # EMA teachers (VoCo, DINO) follow their students after each optimizer step.
+        for objective in self.objectives.values():
+            objective.on_train_batch_end()
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "val")
@@ -219,10 +232,20 @@ class PretrainModule(pl.LightningModule):
         if datamodule is not None:
             check_data_module(self.objectives, self.encoder, datamodule)
 
+    @property
+    def max_steps(self) -> int:
+        """Optimizer steps of the whole run: `optimizer.max_steps`, else what the Trainer will take."""
+        return self.optimizer_settings.max_steps or int(self.trainer.estimated_stepping_batches)
+
+    def exported_encoder_prefix(self) -> str:
+        """State-dict prefix of the exported encoder: the shared one, or an objective's (DINO's teacher)."""
+        for name, objective in self.objectives.items():
+            if objective.exported_encoder_prefix is not None:
+                return f"objectives.{name}.{objective.exported_encoder_prefix}"
+        return "encoder."
+
     def configure_optimizers(self):
-        settings = self.optimizer_settings
-        max_steps = settings.max_steps or int(self.trainer.estimated_stepping_batches)
-        optimizer, scheduler = build_optimizer(self, settings, max_steps)
+        optimizer, scheduler = build_optimizer(self, self.optimizer_settings, self.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self) -> list[pl.Callback]:

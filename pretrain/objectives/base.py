@@ -13,10 +13,23 @@ those batch entries once, and calls `objective(batch, encoded)`:
 - `forward(batch, encoded) -> (loss, metrics)`: the unweighted scalar loss and detached
   metrics; the caller weights the losses and logs metrics as `<objective>/<metric>`. Every
   call returns the same metric keys (DDP-synchronised logging would hang otherwise).
-- Hooks with default no-ops: `on_train_batch_end()` (after the optimizer step: VoCo's EMA
-  teacher), and `reset_validation()`, `update_validation(batch, encoded)`,
-  `compute_validation() -> dict[str, float]` for metrics over a whole validation epoch
-  (AUROC, C-index, retrieval); `compute_validation` gathers across DDP ranks itself.
+- Hooks with default no-ops:
+  - `bind(encoder)`: called once, right after construction, with the shared encoder, for
+    objectives that build parts from its config (MAE's decoder needs the patch grid) or copy
+    it (DINO's EMA teacher). Keep the encoder itself out of the objective's submodules (its
+    weights would be saved twice); hold plain values or a copy.
+  - `encode(encoder, batch) -> dict[str, EncoderOutput]`: encodings only this objective
+    needs, made its own way (MAE's visible tokens, iBOT's masked views); they are merged into
+    `encoded` for this objective alone. Shared views stay in `views`, encoded once.
+  - `on_train_batch_start(step, max_steps)`: before each training forward, with the optimizer
+    step about to be taken and the run's total; schedules (temperatures, momentum) are
+    functions of these two, so a resumed run continues them exactly.
+  - `on_train_batch_end()` (after the optimizer step: VoCo's and DINO's EMA teachers), and
+    `reset_validation()`, `update_validation(batch, encoded)`, `compute_validation() ->
+    dict[str, float]` for metrics over a whole validation epoch (AUROC, C-index, retrieval);
+    `compute_validation` gathers across DDP ranks itself.
+  - `exported_encoder_prefix`: None, or the state-dict prefix (inside the objective) of an
+    encoder the run should export instead of the shared one (DINO's teacher).
 
 A missing modality (`has_report` / `has_ehr` False) is a mask: heads still run on those rows
 and their loss terms are multiplied by 0, so every trainable parameter takes part in every
@@ -49,6 +62,18 @@ class Objective(nn.Module):
         self, batch: Mapping[str, object], encoded: Mapping[str, EncoderOutput]
     ) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         raise NotImplementedError
+
+    exported_encoder_prefix: str | None = None
+
+    def bind(self, encoder: nn.Module) -> None:
+        """Called once with the shared encoder, before any step (see the module docstring)."""
+
+    def encode(self, encoder: nn.Module, batch: Mapping[str, object]) -> dict[str, EncoderOutput]:
+        """Encodings this objective makes itself, keyed by name; merged into its `encoded`."""
+        return {}
+
+    def on_train_batch_start(self, step: int, max_steps: int) -> None:
+        """Called before each training forward with the optimizer step and the run's total steps."""
 
     def on_train_batch_end(self) -> None:
         """Called by the PretrainModule after each training batch's optimizer step."""
