@@ -92,7 +92,13 @@ class CTDataset(Dataset):
                 "pick study ids from its index.parquet",
             )
         self.spec = spec
-        self.context = ViewContext(spec.window, spec.intensity_range, spec.augment if train else None, train)
+        self.context = ViewContext(
+            spec.window,
+            spec.intensity_range,
+            spec.augment if train else None,
+            train,
+            self.cache.input_spec.target_spacing_mm,
+        )
         self.reports, self.labels = reports, labels
         self.train, self.seed = train, seed
 

@@ -9,8 +9,12 @@ random draws are made) without knowing what they mean; an objective declares the
 (`Objective.batch_keys`) and the pretraining module checks them against what the data serves.
 
 Built-ins: "image", the global view (`GlobalView`), and "voco", VoCo's base and random crops
-(`VoCoView`). A view outside fm3d registers itself when its module is imported; naming it in a
-config by its dotted path (`mypkg.views.edges`) imports `mypkg.views` and uses its view "edges".
+(`VoCoView`), here; "multicrop" (DINO's global and local crops with iBOT masks,
+`fm3d.data.multicrop`) and "mae" (one masked region, `fm3d.data.masked_view`) in their own
+modules, imported the first time the registry is asked about a name (so TorchIO loads only for
+runs that use them). A view outside fm3d registers itself when its module is imported; naming
+it in a config by its dotted path (`mypkg.views.edges`) imports `mypkg.views` and uses its view
+"edges".
 """
 
 from __future__ import annotations
@@ -41,12 +45,14 @@ class ViewContext:
     """What every view of one sample shares: the HU window, the intensity range, augmentation.
 
     augment is None in evaluation; `train` says whether region corners are drawn at random.
+    spacing_mm: the cache's voxel spacing (D, H, W), for views whose extents are physical.
     """
 
     hu_window: tuple[int, int]
     intensity_range: tuple[float, float]
     augment: AugmentConfig | None
     train: bool
+    spacing_mm: tuple[float, float, float]
 
 
 class View:
@@ -79,6 +85,13 @@ class View:
 
 
 _VIEWS: dict[str, type[View]] = {}
+# fm3d's views that live in modules of their own; they register themselves when imported.
+_BUILTIN_MODULES = ("fm3d.data.multicrop", "fm3d.data.masked_view")
+
+
+def _import_builtins() -> None:
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
 
 
 def register_view(name: str):
@@ -98,11 +111,14 @@ def register_view(name: str):
 
 def view_names() -> list[str]:
     """Names of the registered views."""
+    _import_builtins()
     return sorted(_VIEWS)
 
 
 def view_class(name: str) -> type[View]:
     """The view class registered as `name`, importing the module of a dotted name first."""
+    if name not in _VIEWS:
+        _import_builtins()
     if name not in _VIEWS and "." in name:
         module, name = name.rsplit(".", 1)
         importlib.import_module(module)
@@ -132,6 +148,7 @@ def build_views(settings: Mapping[str, Mapping[str, Any] | None]) -> tuple[View,
 
 def view_serving(key: str) -> str | None:
     """The registered view that writes batch key `key`, if one does."""
+    _import_builtins()
     return next((name for name, cls in sorted(_VIEWS.items()) if key in cls.keys), None)
 
 
