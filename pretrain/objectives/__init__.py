@@ -6,8 +6,18 @@
 
 from pretrain.objectives.base import Objective
 from pretrain.objectives.clip import ClipObjective
+from pretrain.objectives.dino import DINOObjective
+from pretrain.objectives.mae import MAEObjective
 from pretrain.objectives.phenotype import PhenotypeObjective
 from pretrain.objectives.tte import TimeToEventObjective
 from pretrain.objectives.voco import VoCoObjective
 
-__all__ = ["ClipObjective", "Objective", "PhenotypeObjective", "TimeToEventObjective", "VoCoObjective"]
+__all__ = [
+    "ClipObjective",
+    "DINOObjective",
+    "MAEObjective",
+    "Objective",
+    "PhenotypeObjective",
+    "TimeToEventObjective",
+    "VoCoObjective",
+]
