@@ -126,7 +126,10 @@ def tiny_run_config(
     objectives: tuple[str, ...] = ("voco", "clip", "phenotype", "tte"),
     **trainer: object,
 ) -> Path:
-    """Write a CLI config: vit3d_tiny on 16^3 views (VoCo: 32^3 crops), tiny heads, CPU."""
+    """Write a CLI config: vit3d_tiny on 16^3 views (VoCo: 32^3 crops), tiny heads, CPU.
+
+    Objectives: "voco", "clip", "phenotype", "tte", "dino", "mae".
+    """
     import json
 
     import polars as pl
@@ -149,6 +152,29 @@ def tiny_run_config(
             "class_path": "pretrain.objectives.tte.TimeToEventObjective",
             "init_args": {"num_tasks": len(labels["tte_time"][0]), "num_bins": 4, "rank": 4},
         },
+        "dino": {
+            "class_path": "pretrain.objectives.dino.DINOObjective",
+            "init_args": {"prototypes": 32, "head_hidden_dim": 16, "bottleneck_dim": 8},
+        },
+        "mae": {
+            "class_path": "pretrain.objectives.mae.MAEObjective",
+            "init_args": {"decoder_dim": 12, "decoder_depth": 1, "decoder_heads": 2},
+        },
+    }
+    # The views each objective reads besides the global view (16^3 inputs, 8^3 patches).
+    own_views = {
+        "voco": {"voco": {"geometry": "tiny"}},
+        "dino": {
+            "multicrop": {
+                "global_size": [16, 16, 16],
+                "local_size": [8, 8, 8],
+                "num_local": 2,
+                "global_extent_mm": [60, 120],
+                "local_extent_mm": [20, 50],
+                "patch_size": 8,
+            }
+        },
+        "mae": {"mae": {"size": [16, 16, 16], "patch_size": 8, "mask_ratio": 0.75}},
     }
     config = {
         "name": "test",
@@ -173,7 +199,7 @@ def tiny_run_config(
             "labels": str(cohort["labels"]),
             "views": {
                 "image": {"size": [16, 16, 16]},
-                **({"voco": {"geometry": "tiny"}} if "voco" in objectives else {}),
+                **{key: view for name in objectives for key, view in own_views.get(name, {}).items()},
             },
             "hu_window": [-175, 250],
             "intensity_range": [-1, 1],

@@ -139,7 +139,9 @@ def test_ckpt_path_last_resumes_the_newest_run(finished_run: Path, demo_cohort, 
     assert checkpoint["global_step"] == 7
 
 
-@pytest.mark.parametrize("name", ["demo", "voco", "clip", "merlin", "full"])
+@pytest.mark.parametrize(
+    "name", ["demo", "demo_all", "voco", "clip", "merlin", "full", "dino", "mae", "dino_clip_tte"]
+)
 @pytest.mark.parametrize("preset", ["cpu", "gpu", "multinode"])
 def test_shipped_configs_compose_and_print(name: str, preset: str, capsys) -> None:
     import yaml
@@ -161,7 +163,7 @@ def test_shipped_configs_compose_and_print(name: str, preset: str, capsys) -> No
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["data"]["cache_dir"] == "somewhere"
     assert printed["trainer"]["strategy"] == ("ddp" if preset != "cpu" else "auto")
-    assert set(printed["model"]["objectives"]) <= {"voco", "clip", "phenotype", "tte"}
+    assert set(printed["model"]["objectives"]) <= {"voco", "clip", "phenotype", "tte", "dino", "mae"}
 
 
 def test_the_plots_record_the_values_that_were_logged(finished_run: Path) -> None:
