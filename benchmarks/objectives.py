@@ -145,11 +145,14 @@ def dino_student_step(encoder, image, case: dict) -> Step:
     The student's encodings are made as `DINOObjective.encode` makes them (crop-major views,
     masked global crops), so `dino` minus this row is what the teacher adds.
     """
+    import torch
+
     objective, batch = _dino(encoder), _multicrop(image)
-    teacher = objective.encode(encoder, batch)["teacher_global"]
     global_crops, local_crops, masks = (
         batch[key].transpose(0, 1).flatten(0, 1) for key in ("global_crops", "local_crops", "global_masks")
     )
+    with torch.no_grad():  # what DINOObjective.encode runs for the teacher, without the student's graph
+        teacher = objective.teacher_encoder.eval()(global_crops)
 
     def loss():
         encoded = {

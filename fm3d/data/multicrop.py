@@ -15,10 +15,12 @@ cache's spacing zoomed by one factor on every axis, so its voxels keep the cache
 (3 x 1.5 x 1.5 mm stays 2:1:1): the encoder sees the voxel geometry it meets at inference, where
 volumes arrive at the input spec's spacing. The region read is output size x zoom voxels per
 axis (at least one), read once as integers from the memory map (`read_region`; outside the
-volume it reads the HU floor, as every view does) and resized trilinearly to the output size. DINO's aspect-ratio jitter is left out: the affine's per-axis
-scale (+-10 %) gives the anisotropy instead. Defaults: 96^3 global and 48^3 local crops (3DINO's
-sizes for a 16^3-patch ViT), 8 local crops (DINOv2), and extents that keep DINOv2's volume
-shares (global 0.32-1, local 0.05-0.32) of a 192 mm cube.
+volume it reads the HU floor, as every view does) and resized trilinearly to the output size.
+DINO's aspect-ratio jitter is left out: the affine's per-axis scale (+-10 %) gives the
+anisotropy instead. Defaults: 96^3 global and 48^3 local crops (3DINO's sizes for a 16^3-patch
+ViT on an isotropic cache; give an anisotropic cache's proportions, e.g. 64 x 128 x 128 at
+3 x 1.5 x 1.5 mm, for cubic crops), 8 local crops (DINOv2), and extents that keep DINOv2's
+volume shares (global 0.32-1, local 0.05-0.32) of a 192 mm cube.
 
 Augmentation (training only; `context.augment` is None in evaluation): per crop, a bias field
 and TorchIO's RandomAffine, RandomGamma, RandomBlur (std in mm: each crop carries its voxel

@@ -65,14 +65,16 @@ class MAEObjective(Objective):
         norm_pix_loss: normalise each target patch by its own mean and variance (MAE's
             best-performing target, on by default here).
 
-    Default decoder: 192 wide, 4 blocks, 6 heads of 32 channels (MAE's 512 / 16 head width).
-    MAE's ViT decoder is 512 x 8 and MONAI's 3D `MaskedAutoEncoderViT` defaults to 384 x 4;
-    MAE's ablation (He et al. 2022, Table 1a-b) found fine-tuning accuracy nearly flat over
-    decoder depth and width, linear probing favouring a bigger decoder. In 3D the decoder runs
-    on every token of a crop (hundreds to thousands), so it is kept light: with vit3d_small at
-    256 tokens an MAE step costs 0.40x the FLOPs of the full-token encoder step, with
-    vit3d_base 0.30x (`benchmarks/objectives.py`); with vit3d_tiny the decoder is as large as
-    the encoder and MAE saves nothing. Raise it where linear-probing quality matters.
+    Default decoder: 192 wide, 2 blocks, 6 heads of 32 channels (MAE's 512 / 16 head width).
+    MAE's ViT decoder is 512 x 8 and MONAI's 3D `MaskedAutoEncoderViT` defaults to 384 x 4.
+    MAE's ablation (He et al. 2022, Table 1a) keeps fine-tuning accuracy at 84.9 from decoder
+    depth 2 up, while linear probing gains with depth (70.0 at 2, 73.5 at 8). In 3D the
+    decoder and its prediction of every patch's voxels (4096 at 16^3) run on every token of a
+    crop, so the decoder is kept light: with vit3d_small at 256 tokens an MAE step takes 0.39x
+    the time and activation memory of the full-token encoder step (4 blocks: 0.43x and 0.47x),
+    with vit3d_base less; with vit3d_tiny (4 blocks) the decoder and prediction cost as much as
+    the encoder and MAE saves nothing (`benchmarks/objectives.py`, docs/objectives.md). Raise
+    `decoder_depth` where linear-probing quality matters more than step time.
 
     Batch: `mae_image` [B, C_in, D, H, W] float and `mae_mask` [B, T] bool (True = masked, the
     same count per row, T = patch tokens of the encoder's grid for that size), from the `mae`
@@ -88,7 +90,7 @@ class MAEObjective(Objective):
         self,
         embed_dim: int,
         decoder_dim: int = 192,
-        decoder_depth: int = 4,
+        decoder_depth: int = 2,
         decoder_heads: int = 6,
         norm_pix_loss: bool = True,
     ) -> None:
