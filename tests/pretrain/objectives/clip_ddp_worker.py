@@ -6,11 +6,10 @@ the child processes.
 
 from __future__ import annotations
 
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+from gloo import gloo_group  # this folder: spawn imports the workers by name
 from torch.nn.parallel import DistributedDataParallel
 
 from fm3d.models.encoder import EncoderOutput
@@ -53,21 +52,10 @@ def validation_metrics(text_model: str, inputs: dict, start: int, stop: int) -> 
 
 def run(rank: int, world_size: int, text_model: str, losses: list, inputs: dict, rows: list, out: str):
     """Rank `rank` takes rows[rank] of the global batch, runs two DDP steps per loss, saves results."""
-    # A file rendezvous in the test's own folder: no TCP port another test could take meanwhile.
-    # A short timeout turns a lost peer into an error instead of a 30-minute hang.
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{Path(out) / 'rendezvous'}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(minutes=3),
-    )
-    try:
+    with gloo_group(rank, world_size, out):
         start, stop = rows[rank]
         for loss in losses:
-            # A temporary, freed while the group lives: a DDP model that outlives
-            # destroy_process_group holds the last reference to the gloo group, and freeing it
-            # then joins gloo's threads while holding the GIL one of them waits for (a hang).
+            # A temporary, freed while the group lives (see gloo.gloo_group).
             _two_steps(
                 DistributedDataParallel(build(text_model, loss)),
                 inputs,
@@ -76,8 +64,6 @@ def run(rank: int, world_size: int, text_model: str, losses: list, inputs: dict,
                 Path(out) / f"{loss}{rank}.pt",
             )
         torch.save(validation_metrics(text_model, inputs, start, stop), Path(out) / f"validation{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def _two_steps(model: DistributedDataParallel, inputs: dict, start: int, stop: int, path: Path) -> None:
