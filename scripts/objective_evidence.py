@@ -9,8 +9,11 @@ none that means anything). Then `fm3d eval-encoders` runs conf/eval/demo.yaml on
 
   .venv/bin/python scripts/objective_evidence.py                 # all arms, ~25 min on 2 cores
   .venv/bin/python scripts/objective_evidence.py --arms dino mae --resamples 200
+  .venv/bin/python scripts/objective_evidence.py --arms dino mae --seed 1   # another pretraining seed
 
-An arm whose export exists is not trained again (delete runs/objectives-<arm> to retrain).
+`--seed` changes the pretraining seed only (`seed_everything`: initialisation, crops, masks);
+the suite's split and bootstrap stay the same, so every seed is judged on the same patients.
+An arm whose export exists is not trained again (delete runs/objectives-<arm>[-seed<k>] to retrain).
 Prints the headline rows (linear-probe and kNN macro AUROC, survival C-index, retrieval R@5)
 and the path of the suite's full results.md.
 """
@@ -46,7 +49,12 @@ HEADLINE = (
 )
 
 
-def arm_config(arm: str) -> dict:
+def run_name(arm: str, seed: int) -> str:
+    """The run name of an arm: objectives-<arm> for seed 0, objectives-<arm>-seed<k> otherwise."""
+    return f"objectives-{arm}" if seed == 0 else f"objectives-{arm}-seed{seed}"
+
+
+def arm_config(arm: str, seed: int = 0) -> dict:
     """demo_all.yaml restricted to the arm's objectives and views, exporting the last weights."""
     config = yaml.safe_load(BASE.read_text())
     keep = ARMS[arm]
@@ -61,20 +69,21 @@ def arm_config(arm: str) -> dict:
     data["views"] = {name: view for name, view in data["views"].items() if name in wanted}
     if not {"phenotype", "tte"} & set(keep):
         data["labels"] = None
-    config["name"] = f"objectives-{arm}"
+    config["name"] = run_name(arm, seed)
+    config["seed_everything"] = seed
     config["trainer"]["limit_val_batches"] = 0  # export the end of fit
     return config
 
 
-def pretrain(arm: str, runs_root: Path, extra: list[str]) -> Path:
+def pretrain(arm: str, seed: int, runs_root: Path, extra: list[str]) -> Path:
     """Train the arm unless its export exists; the export folder."""
-    export = runs_root / f"objectives-{arm}" / "latest" / "export" / "encoder"
+    export = runs_root / run_name(arm, seed) / "latest" / "export" / "encoder"
     if export.is_dir():
         print(f"== {arm}: kept {export}")
         return export
     print(f"== {arm}: pretraining {', '.join(ARMS[arm])}", flush=True)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
-        yaml.safe_dump(arm_config(arm), handle)
+        yaml.safe_dump(arm_config(arm, seed), handle)
     fm3d = str(Path(sys.executable).with_name("fm3d"))
     command = [fm3d, "pretrain", "fit", "--config", handle.name, "--runs_root", str(runs_root), *extra]
     subprocess.run(command, check=True, cwd=ROOT)
@@ -104,14 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=list(ARMS))
     parser.add_argument("--runs-root", type=Path, default=ROOT / "runs")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the suite")
+    parser.add_argument("--seed", type=int, default=0, help="pretraining seed (default 0)")
     parser.add_argument(
         "--pretrain-args", nargs=argparse.REMAINDER, default=[], help="extra fm3d pretrain fit options"
     )
     args = parser.parse_args(argv)
-    exports = {arm: pretrain(arm, args.runs_root, args.pretrain_args) for arm in args.arms}
+    exports = {arm: pretrain(arm, args.seed, args.runs_root, args.pretrain_args) for arm in args.arms}
     first = next(iter(exports.values()))
     encoders = [f"random=random:{first}", *(f"{arm}={path}" for arm, path in exports.items())]
-    out = args.runs_root / "eval" / "objectives"
+    out = args.runs_root / "eval" / ("objectives" if args.seed == 0 else f"objectives-seed{args.seed}")
     command = [
         str(Path(sys.executable).with_name("fm3d")),
         "eval-encoders",
