@@ -35,10 +35,11 @@ import torch
 from torch import nn
 
 import fm3d
-from downstream.strategies import FinetuneStrategy, apply_strategy, merge_lora, parameter_groups
+from downstream.strategies import FinetuneStrategy, apply_strategy, parameter_groups
 from fm3d.data.regions import scale_window
 from fm3d.errors import Fm3dError
 from fm3d.io import CKPT_CONFIG_KEY, CKPT_MERGED_KEY
+from fm3d.models.lora import merge_lora
 from fm3d.train.optim import WarmupCosine
 
 logger = logging.getLogger(__name__)

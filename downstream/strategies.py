@@ -119,23 +119,6 @@ def apply_strategy(encoder: nn.Module, strategy: FinetuneStrategy) -> nn.Module:
     return encoder
 
 
-def merge_lora(encoder: nn.Module) -> nn.Module:
-    """Fold LoRA adapters into their base Linear weights and drop the wrappers (in place).
-
-    The result has the encoder's original parameter names again, so it saves and loads as a
-    plain fm3d encoder (`fm3d.save_encoder`).
-    """
-    from peft.tuners.lora import LoraLayer
-
-    for name, module in list(encoder.named_modules()):
-        if isinstance(module, LoraLayer):
-            module.merge()
-            parent_name, _, child = name.rpartition(".")
-            parent = encoder.get_submodule(parent_name) if parent_name else encoder
-            setattr(parent, child, module.get_base_layer())
-    return encoder
-
-
 def layer_scales(encoder: nn.Module, layer_decay: float) -> dict[str, float]:
     """The LLRD multiplier of every encoder parameter, by name (see the module docstring)."""
     family = encoder_family(encoder)

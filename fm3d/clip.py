@@ -5,16 +5,22 @@ zero-shot classification, retrieval and report generation load it with `load_cli
 importing `pretrain`. The image encoder is not part of it: it is exported on its own
 (`fm3d.save_encoder`), and `encode_image` takes that encoder's pooled output.
 
+The text tower trains in one of `TEXT_MODES` (`fm3d.text`): "full", "lora" or "frozen". A
+frozen tower is not even loaded: its report embeddings come precomputed from the data loader
+(`project_text`), and the text model's files are copied into the saved folder as they are.
+
 Folder written by `save_clip(model, directory)`:
-- `config.json`: `ClipConfig` (sizes, pooling, max length, loss family, fm3d version),
+- `config.json`: `ClipConfig` (sizes, text settings and mode, loss family),
 - `heads.safetensors`: image/text projections, logit scale and bias,
-- `text/`: the text model and tokenizer (`save_pretrained`), so the folder is self-contained.
+- `text/`: the text model and tokenizer (LoRA merged), so the folder is self-contained and
+  embeds new texts (zero-shot prompts, retrieval queries) exactly as training did.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -25,9 +31,10 @@ from torch import nn
 from fm3d.atomic import atomic_folder, write_text_atomic
 from fm3d.errors import Fm3dError
 from fm3d.models.weights import check_finite, read_safetensors, save_safetensors
-from fm3d.text import TextTower
+from fm3d.text import TextSettings, TextTower, text_hidden_size, text_model_folder, text_settings
 
 LOSSES = ("infonce", "siglip")
+TEXT_MODES = ("full", "lora", "frozen")
 MAX_LOGIT_SCALE = 100.0  # CLIP's clamp on exp(logit_scale)
 
 
@@ -40,23 +47,35 @@ class ClipConfig:
     """Everything needed to rebuild a ClipModel (its text weights live in `text/`).
 
     `logit_scale_init` / `logit_bias_init` default to CLIP's log(1/0.07) and no bias for
-    "infonce", SigLIP's log(10) and -10 for "siglip".
+    "infonce", SigLIP's log(10) and -10 for "siglip". `pooling`, `max_length`, `lowercase`,
+    `prefix`, `long_reports` and `normalize` are `fm3d.text.TextTower`'s; `text_mode` and the
+    `lora_*` fields say how the tower trains.
     """
 
     image_embed_dim: int
     text_model: str
     proj_dim: int = 512
-    pooling: str = "cls"
+    pooling: str = "auto"
     max_length: int = 256
     lowercase: bool = False
     trust_remote_code: bool = False
     loss: str = "infonce"
     logit_scale_init: float | None = None
     logit_bias_init: float | None = None
+    prefix: str | None = None
+    long_reports: str = "truncate"
+    normalize: bool | None = None
+    text_mode: str = "full"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ValueError(f"CLIP loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.text_mode not in TEXT_MODES:
+            raise ValueError(f"text_mode must be one of {TEXT_MODES}, got {self.text_mode!r}")
         if self.logit_scale_init is None:
             self.logit_scale_init = math.log(1 / 0.07) if self.loss == "infonce" else math.log(10.0)
         if self.logit_bias_init is None:
@@ -72,21 +91,42 @@ class ClipModel(nn.Module):
     `logit_scale` is a learnable log temperature; `scale()` returns exp(logit_scale) clamped
     at 100 as CLIP does. `logit_bias` is SigLIP's learnable bias (kept at its initial value
     and unused by the InfoNCE loss, but stored so one class serves both).
+
+    `text_tower` given (as `load_clip` does) is used as it is; otherwise the config's mode
+    decides: "full" loads the tower, "lora" loads it and adds adapters, "frozen" loads nothing
+    (`text` is None; `text_settings` still names what the cached embeddings must be).
     """
 
     def __init__(self, config: ClipConfig, text_tower: TextTower | None = None) -> None:
         super().__init__()
         self.config = config
-        self.text = text_tower or TextTower(
-            config.text_model,
-            pooling=config.pooling,
-            max_length=config.max_length,
-            lowercase=config.lowercase,
-            trust_remote_code=config.trust_remote_code,
-        )
+        if text_tower is None and config.text_mode != "frozen":
+            text_tower = TextTower(
+                config.text_model,
+                pooling=config.pooling,
+                max_length=config.max_length,
+                lowercase=config.lowercase,
+                trust_remote_code=config.trust_remote_code,
+                prefix=config.prefix,
+                long_reports=config.long_reports,
+                normalize=config.normalize,
+            )
+            if config.text_mode == "lora":
+                text_tower.add_lora(
+                    config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets
+                )
+        self.text = text_tower
+        if text_tower is None:
+            self.text_settings: TextSettings = text_settings(
+                config.text_model, config.pooling, config.max_length, config.lowercase, config.prefix,
+                config.long_reports, config.normalize,
+            )  # fmt: skip
+            text_width = text_hidden_size(config.text_model)
+        else:
+            self.text_settings, text_width = text_tower.settings, text_tower.hidden_size
         # No biases, as in CLIP: the projections are plain linear maps into the joint space.
         self.image_projection = nn.Linear(config.image_embed_dim, config.proj_dim, bias=False)
-        self.text_projection = nn.Linear(self.text.hidden_size, config.proj_dim, bias=False)
+        self.text_projection = nn.Linear(text_width, config.proj_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)))
         self.logit_bias = nn.Parameter(torch.tensor(float(config.logit_bias_init)))
 
@@ -101,7 +141,16 @@ class ClipModel(nn.Module):
 
     def encode_text(self, texts: list[str], normalize: bool = True) -> torch.Tensor:
         """Joint-space text embeddings [B, proj_dim] of raw report texts."""
-        projected = self.text_projection(self.text(texts))
+        if self.text is None:
+            raise ClipLoadError(
+                "this CLIP model trains a frozen text tower that it does not load: it projects cached "
+                "report embeddings (project_text). Save it and load_clip the folder to embed new texts"
+            )
+        return self.project_text(self.text(texts), normalize)
+
+    def project_text(self, embeddings: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Joint-space text embeddings [B, proj_dim] from the tower's embeddings [B, hidden]."""
+        projected = self.text_projection(embeddings)
         return F.normalize(projected, dim=-1) if normalize else projected
 
 
@@ -114,14 +163,28 @@ def save_clip(model: ClipModel, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_folder(directory / "text") as text_folder:
-        model.text.save_pretrained(text_folder)
+        if model.text is None:  # frozen and never loaded: its files are the trained tower
+            shutil.copytree(text_model_folder(model.config.text_model), text_folder, dirs_exist_ok=True)
+        else:
+            model.text.save_pretrained(text_folder)
     heads = {
         name: tensor.detach().cpu().contiguous()
         for name, tensor in model.state_dict().items()
         if not name.startswith("text.")
     }
     save_safetensors(heads, directory / "heads.safetensors")
-    config = model.config.to_dict() | {"text_model": "text", "format": "fm3d-clip", "format_version": 1}
+    # The settings as resolved ("auto" pooling, the model's own prefix and normalisation): a
+    # saved tower no longer carries the sentence-transformers files they were read from.
+    settings = model.text_settings
+    resolved = {
+        "pooling": settings.pooling,
+        "max_length": settings.max_length,
+        "prefix": settings.prefix,
+        "normalize": settings.normalize,
+    }
+    config = (
+        model.config.to_dict() | resolved | {"text_model": "text", "format": "fm3d-clip", "format_version": 1}
+    )
     write_text_atomic(directory / "config.json", json.dumps(config, indent=2))
     return directory
 
@@ -194,7 +257,12 @@ def load_clip(
         raise ClipLoadError(f"{config_path}: {error}; save the CLIP model again") from error
     config.text_model = str(folder)
     config.trust_remote_code = trust_remote_code
-    model = ClipModel(config)
+    # The saved tower as it is: LoRA was merged into it, a frozen one was copied whole.
+    tower = TextTower(
+        folder, config.pooling, config.max_length, config.lowercase, trust_remote_code, config.prefix,
+        config.long_reports, config.normalize,
+    )  # fmt: skip
+    model = ClipModel(config, tower)
     heads = read_safetensors(heads_path, map_location)
     expected = {
         name: tuple(t.shape) for name, t in model.state_dict().items() if not name.startswith("text.")

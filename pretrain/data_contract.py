@@ -6,6 +6,8 @@ and the data or model setting that fixes it:
 - batch keys: every key an objective declares (`Objective.batch_keys`) must be served by the
   data module (`batch_keys`, with `setting_for(key)` naming what would serve a missing one);
 - label sizes: `num_phenotypes` / `num_tasks` of an objective equal the label table's widths;
+- text embeddings: an objective with a frozen text tower (`text_settings`) reads a cache made
+  with exactly its settings (model files, pooling, length, prefix, ...);
 - input spec: the encoder was built with the data's input spec (`PretrainModule(input_spec=...)`,
   which `fm3d pretrain` links from `data.input_spec`).
 """
@@ -49,6 +51,7 @@ def check_data_module(objectives: Mapping[str, nn.Module], encoder: nn.Module, d
     if served is not None:
         _check_batch_keys(objectives, served, datamodule)
     _check_label_sizes(objectives, datamodule)
+    _check_text_embeddings(objectives, datamodule)
     data_spec = getattr(datamodule, "input_spec", None)
     if data_spec is not None:
         _check_input_spec(encoder, data_spec)
@@ -68,6 +71,17 @@ def _check_batch_keys(objectives: Mapping[str, nn.Module], served: tuple[str, ..
             f"objective {name!r} needs batch key {key!r}, which the data module does not serve "
             f"(it serves {sorted(served)}); set {setting}"
         )
+
+
+def _check_text_embeddings(objectives: Mapping[str, nn.Module], datamodule) -> None:
+    cache = getattr(datamodule, "text_embedding_cache", None)
+    for name, objective in objectives.items():
+        expected = getattr(objective, "text_settings", None)
+        if expected is not None and cache is not None:
+            try:
+                cache.check_settings(expected)
+            except Fm3dError as error:
+                raise PretrainConfigError(f"objective {name!r}: {error}") from error
 
 
 def _check_label_sizes(objectives: Mapping[str, nn.Module], datamodule) -> None:

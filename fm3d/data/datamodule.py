@@ -24,13 +24,17 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fm3d.data.augment import AugmentConfig
 from fm3d.data.base import LoaderSettings, StudyDataModule
 from fm3d.data.cache import PreparedCache
 from fm3d.data.datasets import CTDataset, SampleSpec
+from fm3d.data.errors import DataError
 from fm3d.data.tables import DEFAULT_LABEL_COLUMNS, DEFAULT_REPORT_COLUMNS, LabelTable, ReportTable
 from fm3d.data.views import GlobalView, build_views, view_serving
 from fm3d.spec import InputSpec
+from fm3d.text_cache import TextEmbeddingCache
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +54,9 @@ class CTDataModule(StudyDataModule):
             None for no label arrays.
         report_columns: text columns joined with a newline into `report`.
         id_column: the reports table's column naming the study (a NIfTI suffix is removed).
+        text_embeddings: a report-embedding cache (`fm3d text-cache build` over the same
+            reports) whose vectors go into the batch as `report_embedding`, for a frozen text
+            tower; every report must be in it (checked at setup).
         label_columns: array columns of `labels` put into the batch under their own names.
         views: view name -> its settings (`fm3d.data.views`); default: the global view
             `image` at 160 x 224 x 224.
@@ -70,6 +77,7 @@ class CTDataModule(StudyDataModule):
         labels: str | Path | None = None,
         report_columns: tuple[str, ...] = DEFAULT_REPORT_COLUMNS,
         id_column: str = "study_id",
+        text_embeddings: str | Path | None = None,
         label_columns: tuple[str, ...] = DEFAULT_LABEL_COLUMNS,
         views: dict[str, dict[str, Any] | None] | None = None,
         hu_window: tuple[float, float] = (-1000.0, 1000.0),
@@ -91,6 +99,7 @@ class CTDataModule(StudyDataModule):
         self.labels_path = None if labels is None else Path(labels)
         self.report_columns, self.label_columns = tuple(report_columns), tuple(label_columns)
         self.id_column = id_column
+        self.text_embeddings_path = None if text_embeddings is None else Path(text_embeddings)
         augmentation = AugmentConfig(
             flip_prob, rot90_prob, shift_prob, shift_offset, scale_prob, scale_factor
         )
@@ -101,12 +110,19 @@ class CTDataModule(StudyDataModule):
             augment=augmentation if augment else None,
         )
         self.reports: ReportTable | None = None
+        self.report_embeddings: dict[str, np.ndarray] | None = None
         self._datasets: dict[str, CTDataset] = {}
 
     # What the model needs to know about the data, before setup (for LightningCLI links).
     @cached_property
     def label_table(self) -> LabelTable | None:
         return None if self.labels_path is None else LabelTable.read(self.labels_path, self.label_columns)
+
+    @cached_property
+    def text_embedding_cache(self) -> TextEmbeddingCache | None:
+        """The report-embedding cache of `text_embeddings` (None without one)."""
+        path = self.text_embeddings_path
+        return None if path is None else TextEmbeddingCache(path)
 
     @property
     def label_widths(self) -> dict[str, int]:
@@ -147,6 +163,8 @@ class CTDataModule(StudyDataModule):
         keys = ["study_id", *(key for view in self.spec.views for key in view.keys)]
         if self.reports is not None:
             keys += ["report", "has_report"]
+        if self.report_embeddings is not None:
+            keys.append("report_embedding")
         if self.label_table is not None:
             keys += [*self.label_columns, "has_ehr"]
         return tuple(keys)
@@ -158,6 +176,8 @@ class CTDataModule(StudyDataModule):
             return f"data.views.{view} (fm3d.data.views)"
         if key in ("report", "has_report"):
             return "data.reports or data.report_columns naming report columns of the cache index"
+        if key == "report_embedding":
+            return "data.text_embeddings to a cache that `fm3d text-cache build` wrote over the same reports"
         return f"data.labels with a {key!r} column listed in data.label_columns"
 
     def _report_table(self, cache: PreparedCache) -> ReportTable | None:
@@ -176,10 +196,35 @@ class CTDataModule(StudyDataModule):
         super().setup(stage)
         self.input_spec.check_prepared(self.cache.input_spec, f"the prepared cache {self.cache.root}")
         self.reports = self._report_table(self.cache)
+        self.report_embeddings = self._report_embeddings()
         for split, ids in self.splits.items():
             if not ids:
                 logger.warning("the %s split of %s is empty (%d studies in all)", split, self.cache.root,
                                len(self.cache))  # fmt: skip
+
+    def _report_embeddings(self) -> dict[str, np.ndarray] | None:
+        """Each study's cached report embedding (zeros without a report), all read once at setup."""
+        cache = self.text_embedding_cache
+        if cache is None:
+            return None
+        if self.reports is None:
+            raise DataError(
+                self.text_embeddings_path,
+                "holds report embeddings, but these loaders have no reports to look them up by",
+                "set data.reports or data.report_columns as for the cache's build",
+            )
+        ids = self.cache.study_ids
+        texts = [self.reports.get(study_id) for study_id in ids]
+        missing = cache.missing(texts)
+        if missing:
+            raise DataError(
+                self.text_embeddings_path,
+                f"has no embedding for the reports of {len(missing)} of {len(ids)} studies (e.g. "
+                f"{[ids[i] for i in missing[:3]]}): the reports changed or other columns were chosen",
+                "run `fm3d text-cache build` again over these reports with the same --out (only the "
+                "missing ones are embedded)",
+            )
+        return dict(zip(ids, cache.vectors(texts), strict=True))
 
     def dataset(self, split: str) -> CTDataset:
         """The split's samples; built once, so re-created loaders reuse them."""
@@ -190,6 +235,7 @@ class CTDataModule(StudyDataModule):
                 self.spec,
                 self.reports,
                 self.label_table,
+                report_embeddings=self.report_embeddings,
                 train=split == "train",
                 seed=self.loader_settings.seed,
             )

@@ -10,14 +10,14 @@ slab and the float scaling writes straight into the output crops, so a VoCo samp
 two passes over its voxels (docs/benchmarks/data_loading.md).
 
 Each sample is a dict; a batch follows the contract of docs/datasets.md (`study_id`, each
-view's keys, `report`/`has_report`, one tensor per label column + `has_ehr`). Missing
-modalities are masks, never dropped samples.
+view's keys, `report`/`has_report`, `report_embedding` with a text-embedding cache, one
+tensor per label column + `has_ehr`). Missing modalities are masks, never dropped samples.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -79,6 +79,7 @@ class CTDataset(Dataset):
         spec: SampleSpec = SampleSpec(),
         reports: ReportTable | None = None,
         labels: LabelTable | None = None,
+        report_embeddings: Mapping[str, np.ndarray] | None = None,
         train: bool = True,
         seed: int = 0,
     ) -> None:
@@ -100,6 +101,7 @@ class CTDataset(Dataset):
             self.cache.input_spec.target_spacing_mm,
         )
         self.reports, self.labels = reports, labels
+        self.report_embeddings = report_embeddings
         self.train, self.seed = train, seed
 
     def __len__(self) -> int:
@@ -153,6 +155,8 @@ class CTDataset(Dataset):
         if self.reports is not None:
             text = self.reports.get(study_id)
             sample["report"], sample["has_report"] = text, bool(text)
+        if self.report_embeddings is not None:
+            sample["report_embedding"] = torch.from_numpy(self.report_embeddings[study_id])
         if self.labels is not None:
             arrays, present = self.labels.get(study_id)
             sample.update({name: torch.from_numpy(np.array(a)) for name, a in arrays.items()})

@@ -12,6 +12,12 @@ concatenated batch, also when ranks hold different numbers of rows.
 
 Studies without a report (`has_report` False) still go through both towers; their rows
 contribute 0 and their columns are excluded from every softmax / sigmoid sum.
+
+The text tower trains "full", with "lora" adapters, or not at all ("frozen"): then the batch
+carries each report's embedding from the data module's text-embedding cache
+(`data.text_embeddings`, built by `fm3d text-cache build`), the tower is never loaded, and the
+run refuses a cache built with other settings (`text_settings`, checked by
+`pretrain.data_contract`).
 """
 
 from __future__ import annotations
@@ -91,12 +97,16 @@ class ClipObjective(Objective):
         embed_dim: the encoder's pooled width.
         text_model: Hugging Face model folder or hub name for the report tower.
         proj_dim: joint embedding width.
-        max_length: report tokens kept (truncation).
-        pooling: "cls" or "mean" over the text tower's last hidden states.
+        max_length: report tokens per input (per chunk with `long_reports: chunks`).
+        pooling: "auto" (the model's own, else "cls"), "cls", "mean" or "last".
         lowercase: lowercase reports before tokenising.
         loss: "infonce" (learnable log temperature, init log(1/0.07), exp clamped at 100) or
             "siglip" (learnable t' and b, init log 10 and -10).
         trust_remote_code: let the text model run its own code (see `fm3d.text.TextTower`).
+        prefix, long_reports, normalize: `fm3d.text.TextTower`'s (None: the model's own).
+        text_mode: "full" (the tower trains), "lora" (adapters of `lora_rank`, `lora_alpha`,
+            `lora_dropout` on `lora_targets`, None: every projection) or "frozen" (cached
+            embeddings, see the module docstring).
     Metric: `i2t_recall_at_1`, image->report recall@1 within the global (gathered) batch, valid rows only.
     Validation: `i2t_/t2i_recall_at_{1,5,10}` and `mAP` over the whole validation set.
     The trained heads are `self.clip` (save with `fm3d.clip.save_clip`).
@@ -104,7 +114,6 @@ class ClipObjective(Objective):
 
     name = "clip"
     views = ("image",)
-    batch_keys = ("image", "report")
 
     def __init__(
         self,
@@ -112,10 +121,18 @@ class ClipObjective(Objective):
         text_model: str,
         proj_dim: int = 512,
         max_length: int = 256,
-        pooling: str = "cls",
+        pooling: str = "auto",
         lowercase: bool = False,
         loss: str = "infonce",
         trust_remote_code: bool = False,
+        prefix: str | None = None,
+        long_reports: str = "truncate",
+        normalize: bool | None = None,
+        text_mode: str = "full",
+        lora_rank: int = 8,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.05,
+        lora_targets: list[str] | None = None,
     ) -> None:
         super().__init__()
         config = ClipConfig(
@@ -127,20 +144,39 @@ class ClipObjective(Objective):
             lowercase=lowercase,
             loss=loss,
             trust_remote_code=trust_remote_code,
+            prefix=prefix,
+            long_reports=long_reports,
+            normalize=normalize,
+            text_mode=text_mode,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            lora_targets=lora_targets,
         )
         self.clip = ClipModel(config)
+        self.frozen_text = text_mode == "frozen"
+        self.batch_keys = ("image", "report_embedding") if self.frozen_text else ("image", "report")
         self.loss_kind = loss
         self._val_image: list[torch.Tensor] = []
         self._val_text: list[torch.Tensor] = []
 
+    @property
+    def text_settings(self) -> dict | None:
+        """What the cached report embeddings must have been made with ("frozen"; else None)."""
+        return self.clip.text_settings.to_dict() if self.frozen_text else None
+
     def _embed(self, batch: Mapping[str, object], encoded: Mapping[str, EncoderOutput]):
         pooled = encoded["image"].pooled  # [B, C]
-        reports = require(batch, "report", self.name)
+        key = "report_embedding" if self.frozen_text else "report"
+        reports = require(batch, key, self.name)
         if len(reports) != pooled.shape[0]:
-            raise ObjectiveError(f"batch['report'] has {len(reports)} texts for {pooled.shape[0]} images")
+            raise ObjectiveError(f"batch[{key!r}] has {len(reports)} rows for {pooled.shape[0]} images")
         valid = row_mask(batch, "has_report", pooled.shape[0], pooled.device)
         image = self.clip.encode_image(pooled)  # [B, P]
-        text = self.clip.encode_text(list(reports)).to(image.dtype)  # [B, P]
+        if self.frozen_text:
+            text = self.clip.project_text(reports.to(image.dtype))  # [B, P] from cached [B, hidden]
+        else:
+            text = self.clip.encode_text(list(reports)).to(image.dtype)  # [B, P]
         return image, text, valid
 
     def forward(

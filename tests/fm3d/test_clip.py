@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fm3d.clip import ClipConfig, ClipLoadError, ClipModel, load_clip, save_clip
-from fm3d.text import TextTowerError, init_text_model
+from fm3d.text import TextTower, TextTowerError, init_text_model, text_settings
 
 REPORTS = ["Liver normal. No focal lesion.", "Right lower lobe nodule, 6 mm.", "Kidneys unremarkable."] * 4
 
@@ -171,3 +171,65 @@ def test_save_clip_leaves_no_temporaries(text_model, tmp_path):
     save_clip(clip, folder)  # over an existing export
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "heads.safetensors", "text"]
     assert isinstance(load_clip(folder), ClipModel)
+
+
+# --- text tower modes (issue 20) ---
+
+
+def test_frozen_mode_loads_no_text_model_and_saves_the_towers_files(text_model, tmp_path):
+    """A frozen tower is not in the module (nothing to train or checkpoint); the export still embeds texts."""
+    torch.manual_seed(0)
+    config = ClipConfig(
+        image_embed_dim=8, text_model=text_model, proj_dim=4, pooling="mean", text_mode="frozen"
+    )
+    clip = ClipModel(config).eval()
+    assert clip.text is None and not any(name.startswith("text.") for name in clip.state_dict())
+    assert clip.text_settings == text_settings(text_model, pooling="mean")
+    tower = TextTower(text_model, pooling="mean").eval()
+    cached = tower.embed(REPORTS[:3])  # what the text-embedding cache holds
+    with pytest.raises(ClipLoadError, match="frozen"):
+        clip.encode_text(REPORTS[:3])
+    loaded = load_clip(save_clip(clip, tmp_path / "clip")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.encode_text(REPORTS[:3]), clip.project_text(cached), atol=1e-5, rtol=0
+        )
+    assert loaded.text_settings.model_hash == clip.text_settings.model_hash  # the same files
+
+
+def test_lora_mode_trains_adapters_and_exports_them_merged(text_model, tmp_path):
+    torch.manual_seed(0)
+    config = ClipConfig(image_embed_dim=8, text_model=text_model, proj_dim=4, text_mode="lora", lora_rank=2)
+    clip = ClipModel(config)
+    text_trainable = [name for name, p in clip.text.named_parameters() if p.requires_grad]
+    assert text_trainable and all("lora_" in name for name in text_trainable)
+    with torch.no_grad():
+        for name, param in clip.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    clip.eval()
+    loaded = load_clip(save_clip(clip, tmp_path / "clip")).eval()
+    assert not any("lora_" in name for name in loaded.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.encode_text(REPORTS[:3]), clip.encode_text(REPORTS[:3]), atol=1e-5, rtol=0
+        )
+
+
+def test_auto_settings_are_saved_resolved(tmp_path):
+    """The model's own pooling and normalisation survive save_pretrained, which drops their files."""
+    clip = ClipModel(
+        ClipConfig(image_embed_dim=8, text_model="sentence-transformers/all-MiniLM-L6-v2", proj_dim=4)
+    )
+    saved = json.loads((save_clip(clip, tmp_path / "clip") / "config.json").read_text())
+    assert (saved["pooling"], saved["normalize"], saved["prefix"]) == ("mean", True, "")
+    loaded = load_clip(tmp_path / "clip").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.encode_text(REPORTS[:2]), clip.eval().encode_text(REPORTS[:2]), atol=1e-5, rtol=0
+        )
+
+
+def test_unknown_text_mode_is_refused(text_model):
+    with pytest.raises(ValueError, match="text_mode"):
+        ClipConfig(image_embed_dim=8, text_model=text_model, text_mode="partial")

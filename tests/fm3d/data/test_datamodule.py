@@ -170,3 +170,33 @@ def test_lightning_cli_fills_the_datamodule_from_yaml(demo, tmp_path):
     assert data.input_spec.image_size == (8, 32, 32) and data.report_columns == ("impression",)
     assert data.loader_settings.seed == 3 and data.loader_settings.split_fractions == (0.5, 0.25, 0.25)
     assert cli.model.num_phenotypes == 5
+
+
+def test_cached_report_embeddings_go_into_the_batch(demo, tmp_path):
+    from fm3d.data.errors import DataError
+    from fm3d.text import TextTower, init_text_model
+    from fm3d.text_cache import build_text_cache
+
+    dm = _data(demo)
+    dm.setup("fit")
+    reports = {sid: dm.reports.get(sid) for sid in dm.cache.study_ids}
+    model = init_text_model(tmp_path / "model", list(reports.values()), vocab_size=100, hidden_size=16)
+    tower = TextTower(model, pooling="mean", max_length=64)
+    build_text_cache(tower, list(reports.values()), tmp_path / "cache", progress=False)
+
+    dm = CTDataModule(demo["cache"], views=VIEWS, text_embeddings=tmp_path / "cache",
+                      loader=LoaderSettings(**SMALL_LOADER))  # fmt: skip
+    dm.setup("fit")
+    assert "report_embedding" in dm.batch_keys
+    batch = next(iter(dm.predict_dataloader()))
+    expected = tower.embed([reports[sid] for sid in batch["study_id"]])
+    torch.testing.assert_close(batch["report_embedding"], expected, atol=1e-6, rtol=0)
+
+    # Reports the cache lacks (the table changed, other columns) stop the run at setup.
+    partial = tmp_path / "partial"
+    build_text_cache(tower, list(reports.values())[:5], partial, progress=False)
+    dm = CTDataModule(
+        demo["cache"], views=VIEWS, text_embeddings=partial, loader=LoaderSettings(**SMALL_LOADER)
+    )
+    with pytest.raises(DataError, match=r"has no embedding for the reports of 7 of 12 studies .*--out"):
+        dm.setup("fit")

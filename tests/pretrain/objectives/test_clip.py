@@ -175,3 +175,29 @@ def test_training_aligns_images_with_their_reports(text_model):
         _, metrics = objective(batch, _encoded(pooled))
     assert losses[-1] < 0.5 * losses[0]
     assert metrics["i2t_recall_at_1"].item() == 1.0
+
+
+@pytest.mark.parametrize("loss_kind", ["infonce", "siglip"])
+def test_frozen_tower_on_cached_embeddings_equals_the_tower_run_on_the_texts(text_model, loss_kind):
+    """Frozen mode reads `report_embedding` instead of running the tower: the same loss, no text weights."""
+    torch.manual_seed(0)
+    full = ClipObjective(
+        embed_dim=8, text_model=text_model, proj_dim=4, pooling="mean", loss=loss_kind
+    ).eval()
+    frozen = ClipObjective(
+        embed_dim=8, text_model=text_model, proj_dim=4, pooling="mean", loss=loss_kind, text_mode="frozen"
+    )
+    assert frozen.batch_keys == ("image", "report_embedding") and frozen.clip.text is None
+    assert frozen.text_settings == full.clip.text.settings.to_dict() and full.text_settings is None
+    frozen.load_state_dict({k: v for k, v in full.state_dict().items() if not k.startswith("clip.text.")})
+    pooled = torch.randn(4, 8)
+    cached = full.clip.text.embed(REPORTS)  # [4, 16]: what `fm3d text-cache build` stores
+    has_report = torch.tensor([True, True, False, True])
+    expected, _ = full({"report": REPORTS, "has_report": has_report}, _encoded(pooled))
+    loss, _ = frozen({"report_embedding": cached, "has_report": has_report}, _encoded(pooled))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    loss.backward()
+    assert frozen.clip.text_projection.weight.grad is not None
+    assert sum(p.numel() for p in frozen.parameters()) < sum(p.numel() for p in full.parameters()) / 10
+    with pytest.raises(ObjectiveError, match="report_embedding"):
+        frozen({"report": REPORTS, "has_report": has_report}, _encoded(pooled))
