@@ -3,7 +3,7 @@
 #   1. a synthetic cohort of 512 CT studies with reports and MEDS EHR   (fm3d demo-data)
 #   2. per-study phenotype and time-to-event labels from the EHR         (fm3d ehr labels)
 #   3. the prepared CT cache                                             (fm3d prepare)
-#   4. a from-scratch report tokenizer + tiny BERT (no download)         (fm3d text-model)
+#   4. report embeddings of a pretrained text model, cached (offline)    (fm3d text-cache build)
 #   5. vit3d_tiny pretrained with VoCo + CLIP + phenotype + TTE          (fm3d pretrain fit)
 #   6. the evaluation suite on the held-out studies: the pretrained encoder against the same
 #      architecture randomly initialised                                 (fm3d eval-encoders)
@@ -14,8 +14,9 @@
 #   bash scripts/demo.sh [extra `fm3d pretrain fit` options, e.g. --trainer.max_epochs 2]
 #   EVAL_ARGS="--resamples 100" bash scripts/demo.sh   # extra `fm3d eval-encoders` options
 #
-# Steps 1-4 write to demo/ (the paths conf/pretrain/demo.yaml and conf/downstream/*.yaml read)
-# and are skipped when their output exists, so a rerun only pretrains again; `rm -rf demo`
+# Steps 1-4 write to demo/ (the paths conf/pretrain/demo.yaml and conf/downstream/*.yaml read);
+# steps 1-2 are skipped when their output exists and steps 3-4 resume, so a rerun only
+# pretrains again; `rm -rf demo`
 # starts over. demo/ records the settings it was built with: a demo/ from other settings (an
 # older version of this script) is rebuilt, since demo.yaml's label widths follow them.
 set -euo pipefail
@@ -50,11 +51,11 @@ if [ ! -f "$demo/ehr_labels.parquet" ]; then
 fi
 echo "== 3/6 prepared cache -> $demo/cache (resumes; up-to-date studies are skipped)"
 step cache "$fm3d" prepare --manifest "$demo/manifest.parquet" --out "$demo/cache" --no-progress
-if [ ! -f "$demo/text_model/config.json" ]; then
-  echo "== 4/6 report text model -> $demo/text_model"
-  step text-model "$fm3d" text-model --out "$demo/text_model" --texts "$demo/manifest.parquet" \
-    --columns findings impression --vocab-size 500 --hidden-size 64 --layers 2 --heads 2 --max-length 128
-fi
+# Settings as demo.yaml's CLIP text tower (model, max length; pooling and prefix the model's
+# own); a cache built otherwise is refused by the run. Resumes, and embeds changed reports only.
+echo "== 4/6 report embeddings -> $demo/text_cache (sentence-transformers/all-MiniLM-L6-v2, frozen)"
+step text-cache "$fm3d" text-cache build --model sentence-transformers/all-MiniLM-L6-v2 \
+  --reports "$demo/manifest.parquet" --columns impression --max-length 128 --out "$demo/text_cache" --no-progress
 echo "== 5/6 pretraining (conf/pretrain/demo.yaml)"
 step pretraining "$fm3d" pretrain fit --config conf/pretrain/demo.yaml "$@"
 echo "== 6/6 evaluation suite (conf/eval/demo.yaml) -> runs/eval/demo/latest/results.md"

@@ -2,7 +2,7 @@
 encoder beats the same architecture randomly initialised on the held-out studies, retrieves their
 reports above chance and ranks time-to-event risk.
 
-The chain is the demo's (demo-data -> ehr labels -> prepare -> text-model -> pretrain fit with
+The chain is the demo's (demo-data -> ehr labels -> prepare -> text-cache -> pretrain fit with
 conf/pretrain/demo.yaml as shipped, paths aside -> eval-encoders with conf/eval/demo.yaml) on the
 demo's 512-study cohort in a temporary folder. demo.yaml holds 40% of the patients out (~190
 studies) and exports the best checkpoint by held-out image->report R@5 (model.monitor); the
@@ -12,9 +12,11 @@ The learning lines are hard assertions, per seed:
 - the linear probe's macro AUROC over the demo's eight findings, pretrained minus random weights
   (the same architecture, `random:<export>`), has a paired patient-level bootstrap 95% interval
   above zero (`fm3d eval-encoders` reports it as "higher");
-- image->report R@5, recomputed from the exported encoder and CLIP folders with
-  fm3d.metrics.retrieval and equal to what the run logged at the exported step, is at least 1.5x
-  chance; the C-index logged at that step is at least 0.55.
+- image->report R@5, recomputed from the exported encoder and CLIP folders (over the cached
+  report embeddings, which the exported text tower reproduces) with fm3d.metrics.retrieval and
+  equal to what the run logged at the exported step, is at least 3x
+  chance (the pretrained MiniLM text tower, frozen on cached embeddings: issue 20's goal); the
+  C-index logged at that step is at least 0.55.
 An untrained encoder fails all three (difference ~0, R@5 at chance, C-index ~0.5); the measured
 runs clear them with margin (docs/evaluation.md and docs/pretraining.md, 'The demo'). The R@5
 that picks the checkpoint is the one checked, so it is optimistic by the selection; the probe
@@ -38,13 +40,13 @@ from fm3d.clip import load_clip
 from fm3d.data.base import LoaderSettings
 from fm3d.data.datamodule import CTDataModule
 from fm3d.metrics.retrieval import recall_at_k
-from fm3d.text_cli import main as text_model_main
+from fm3d.text_cache_cli import main as text_cache_main
 from fm3d.train.tracking import local_tracking_uri
 
 REPO = Path(__file__).resolve().parents[2]
 
 # Learning lines at the exported (best) checkpoint: R@5 as a multiple of chance, C-index.
-RECALL5_OVER_CHANCE = 1.5
+RECALL5_OVER_CHANCE = 3.0
 C_INDEX = 0.55
 SEEDS = (0, 1, 2)
 
@@ -53,7 +55,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Steps 1-4 of scripts/demo.sh (cohort, EHR labels, cache, text model), once for every seed."""
+    """Steps 1-4 of scripts/demo.sh (cohort, EHR labels, cache, report embeddings), once for every seed."""
     demo = tmp_path_factory.mktemp("demo") / "demo"
     manifest = str(demo / "manifest.parquet")
     steps = [
@@ -64,13 +66,13 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ]  # fmt: skip
     for step in steps:  # the commands scripts/demo.sh runs
         assert fm3d_main(step) == 0, step
-    # `fm3d text-model` (called by its module: a checkout installed before the command existed
-    # has no entry point for it).
-    text_model = [
-        "--out", str(demo / "text_model"), "--texts", manifest, "--columns", "findings", "impression",
-        "--vocab-size", "500", "--hidden-size", "64", "--layers", "2", "--heads", "2", "--max-length", "128",
+    # `fm3d text-cache build` (called by its module: a checkout installed before the command
+    # existed has no entry point for it).
+    text_cache = [
+        "build", "--model", "sentence-transformers/all-MiniLM-L6-v2", "--reports", manifest,
+        "--columns", "impression", "--max-length", "128", "--out", str(demo / "text_cache"), "--no-progress",
     ]  # fmt: skip
-    assert text_model_main(text_model) == 0
+    assert text_cache_main(text_cache) == 0
     return demo
 
 
@@ -78,8 +80,11 @@ def pretrain(demo: Path, seed: int, tmp_path: Path) -> tuple[Path, dict]:
     """`fm3d pretrain fit` with demo.yaml itself, the cohort's paths and `seed_everything: seed`."""
     config = yaml.safe_load((REPO / "conf" / "pretrain" / "demo.yaml").read_text())
     config["seed_everything"] = seed
-    config["model"]["objectives"]["clip"]["init_args"]["text_model"] = str(demo / "text_model")
-    config["data"].update(cache_dir=str(demo / "cache"), labels=str(demo / "ehr_labels.parquet"))
+    config["data"].update(
+        cache_dir=str(demo / "cache"),
+        labels=str(demo / "ehr_labels.parquet"),
+        text_embeddings=str(demo / "text_cache"),
+    )
     config["trainer"]["enable_progress_bar"] = False
     (tmp_path / "demo.yaml").write_text(json.dumps(config))
     run_dir = tmp_path / "run"
@@ -113,7 +118,14 @@ def evaluate(demo: Path, run_dir: Path, seed: int, tmp_path: Path) -> pl.DataFra
 
 
 def held_out_recall5(config: dict, run_dir: Path) -> tuple[float, int]:
-    """Image->report R@5 on the held-out studies, recomputed from the exported folders."""
+    """Image->report R@5 on the held-out studies, recomputed from the exported folders.
+
+    The report side is what the run validated on: the cached embeddings (data.text_embeddings)
+    through the exported CLIP heads. The exported text tower must embed the same reports to
+    float precision, checked here; its own embeddings are not the ones ranked because the demo
+    repeats impressions, and a repeated report embedded in batches padded differently differs in
+    the last bits, which reorders exact ties.
+    """
     settings = config["data"]
     data = CTDataModule(**{**settings, "augment": False, "loader": LoaderSettings(**settings["loader"])})
     data.setup("validate")
@@ -124,7 +136,10 @@ def held_out_recall5(config: dict, run_dir: Path) -> tuple[float, int]:
         for batch in data.val_dataloader():
             keep = batch["has_report"]
             images.append(clip.encode_image(encoder(batch["image"]).pooled)[keep])
-            reports.append(clip.encode_text([r for r, k in zip(batch["report"], keep, strict=True) if k]))
+            cached = batch["report_embedding"][keep]
+            exported = clip.text([r for r, k in zip(batch["report"], keep, strict=True) if k])
+            torch.testing.assert_close(exported, cached, atol=1e-5, rtol=0)
+            reports.append(clip.project_text(cached))
     images, reports = torch.cat(images), torch.cat(reports)
     return recall_at_k(images @ reports.T, ks=(5,))[5], images.shape[0]
 
