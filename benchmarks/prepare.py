@@ -1,4 +1,4 @@
-"""Benchmark `fm3d prepare`: studies per second with 1 and 2 worker processes on a real CT.
+"""Benchmark `fm3d prepare`: studies per second with 1 and 2 worker processes, and 1 and 2 array tasks.
 
 The TotalSegmentator example CT (122x101x30 at 3 mm, shared/data) is listed ~32 times under
 different study ids in a temporary manifest, and the real `fm3d prepare` command prepares it
@@ -6,9 +6,11 @@ into a fresh temporary cache at the default settings (3.0 x 1.5 x 1.5 mm, HU -10
 Wall time includes process start-up, hashing, reading, resampling and the atomic writes; CPU
 seconds are those of the command and its worker processes. Prints a markdown table and saves it
 to docs/benchmarks/prepare.md (--no-save to skip). `run_prepare_benchmark` can be called from
-the data-loading benchmark.
+the data-loading benchmark. The array-task rows run N `fm3d prepare --shard i/N` commands at
+once, as N SLURM array tasks on one node would, then the `--merge`: wall time is until the last
+task ends plus the merge.
 
-    python benchmarks/prepare.py [--studies 32] [--workers 1 2] [--repeats 2]
+    python benchmarks/prepare.py [--studies 32] [--workers 1 2] [--tasks 1 2] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -90,6 +92,62 @@ def run_prepare_benchmark(
     return rows
 
 
+def run_array_benchmark(
+    source: Path = DEFAULT_CT, studies: int = 32, tasks: tuple[int, ...] = (1, 2), repeats: int = 2
+) -> list[dict[str, float]]:
+    """N parallel `--shard i/N` runs + the merge over `studies` copies of `source` (best of `repeats`)."""
+    if not source.is_file():
+        raise FileNotFoundError(f"{source} is absent; the benchmark needs ../shared/data (see its README)")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fm3d-prepare-array-") as tmp:
+        manifest = Path(tmp) / "manifest.csv"
+        ids = [f"study{i:03d}" for i in range(studies)]
+        pl.DataFrame({"study_id": ids, "patient_id": ids, "image_path": [str(source)] * studies}).write_csv(
+            manifest
+        )
+        for n in tasks:
+            best: dict[str, float] | None = None
+            for _ in range(repeats):
+                out = Path(tmp) / f"cache-{n}"
+                shutil.rmtree(out, ignore_errors=True)
+                base = [sys.executable, "-m", "fm3d.cli", "prepare", "--manifest", str(manifest), "--out",
+                        str(out), "--no-progress"]  # fmt: skip
+                start = time.perf_counter()
+                if n == 1:
+                    _run_measured(base)
+                    merge_s = 0.0
+                else:
+                    running = [subprocess.Popen([*base, "--shard", f"{i}/{n}"], stdout=subprocess.DEVNULL,
+                                                stderr=subprocess.PIPE) for i in range(n)]  # fmt: skip
+                    for process in running:
+                        if process.wait() != 0:
+                            raise RuntimeError(f"a shard failed: {process.stderr.read().decode()[-2000:]}")
+                    merge_s, _ = _run_measured([*base, "--merge"])
+                wall = time.perf_counter() - start
+                prepared = len(list((out / "studies").glob("*.npy")))
+                if prepared != studies:
+                    raise RuntimeError(f"expected {studies} prepared studies, found {prepared} in {out}")
+                row = {"tasks": n, "studies": studies, "wall_s": wall, "studies_per_s": studies / wall,
+                       "merge_s": merge_s}  # fmt: skip
+                if best is None or row["wall_s"] < best["wall_s"]:
+                    best = row
+            rows.append(best)
+    return rows
+
+
+def array_table(rows: list[dict[str, float]]) -> str:
+    """The array-task rows as a markdown table."""
+    lines = ["| array tasks | studies | wall incl. merge (s) | studies/s | of which merge (s) | speed-up |",
+             "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in rows:
+        speedup = r["studies_per_s"] / rows[0]["studies_per_s"]
+        lines.append(
+            f"| {r['tasks']} | {r['studies']} | {r['wall_s']:.2f} | {r['studies_per_s']:.2f} "
+            f"| {r['merge_s']:.2f} | {speedup:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
 def markdown_table(rows: list[dict[str, float]]) -> str:
     """The benchmark rows as a markdown table."""
     lines = [
@@ -136,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", type=Path, default=DEFAULT_CT)
     parser.add_argument("--studies", type=int, default=32)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--tasks", type=int, nargs="+", default=[1, 2], help="array tasks run at once")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument(
         "--no-save", action="store_true", help="print only; do not write docs/benchmarks/prepare.md"
@@ -144,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     host = machine()
     rows = run_prepare_benchmark(args.source, args.studies, tuple(args.workers), args.repeats)
     table = markdown_table(rows)
+    arrays = array_table(run_array_benchmark(args.source, args.studies, tuple(args.tasks), args.repeats))
     print(table)
+    print(f"\n{arrays}")
     print(f"\nMachine: {host}\n{_load_note()}")
     if not args.no_save:
         doc = REPO / "docs" / "benchmarks" / "prepare.md"
@@ -161,7 +222,10 @@ def main(argv: list[str] | None = None) -> int:
             "'Re-run' runs the command again on the finished cache (every study skipped as up to date): "
             "that is the fixed cost of starting Python, importing torch and checking the sources, and "
             "the last column divides the studies by the wall time net of it.\n\n"
-            f"{table}\n\nMachine: {host}.\n{_load_note()}"
+            f"{table}\n\n"
+            "As SLURM array tasks (`--shard i/N` commands run at once with one worker each, as N array "
+            "tasks on one node would, then `--merge`; wall time until the merge ends):\n\n"
+            f"{arrays}\n\nMachine: {host}.\n{_load_note()}"
         )
         print(f"saved {doc}")
     return 0

@@ -3,6 +3,9 @@
     fm3d ehr tasks --meds DIR -k 64
     fm3d ehr labels --meds DIR --studies studies.csv --out labels.parquet --tasks-k 64 \\
         --phenotypes conf/ehr/phenotypes_example.yaml --window-days 365 30
+
+`labels --shard i/n` labels one of n disjoint parts of the subjects and `labels --merge` folds the
+parts into --out (`ehr.label_shards`; slurm/ehr-labels.sbatch runs the parts as an array job).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import time
 from pathlib import Path
 
 from ehr.errors import EHRSettingError, TaskSpecError
+from ehr.label_shards import merge_label_shards, shard_file, shard_studies
 from ehr.labels import build_study_labels, write_study_labels
 from ehr.meds import MEDSDataset
 from ehr.studies import read_studies
@@ -22,6 +26,7 @@ from ehr.validity import DROP_OPTION, YEARS_OPTION, ValidityPolicy
 from ehr.vocab import load_phenotypes, select_tasks
 from fm3d.atomic import write_text_atomic
 from fm3d.errors import Fm3dError
+from fm3d.sharding import WHOLE, parse_shard
 
 
 def _add_task_selection(parser: argparse.ArgumentParser) -> None:
@@ -134,6 +139,19 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="time bins for the suggested bin edges (default 8)",
     )
+    split = labels.add_mutually_exclusive_group()
+    split.add_argument(
+        "--shard",
+        type=parse_shard,
+        default=WHOLE,
+        metavar="I/N",
+        help="label only the studies of subject shard I of N into <out>.shards/ (for SLURM array tasks)",
+    )
+    split.add_argument(
+        "--merge",
+        action="store_true",
+        help="fold the finished <out>.shards/ into --out, in --studies order (MEDS is not read again)",
+    )
     _add_task_selection(labels)
     return parser
 
@@ -198,6 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         policy = _check_settings(args)
+        if args.command == "labels" and args.merge:
+            started = time.perf_counter()
+            studies = read_studies(args.studies, subject_column=args.subject_column, policy=policy)
+            description = merge_label_shards(args.out, studies, num_bins=args.num_bins)
+            _print_summary(description, time.perf_counter() - started, args.out)
+            return 0
         dataset = MEDSDataset(args.meds, policy=policy)
         if args.command == "tasks":
             selected = select_tasks(
@@ -217,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         tasks = _task_codes(args, dataset)
         phenotypes = load_phenotypes(args.phenotypes) if args.phenotypes else None
         studies = read_studies(args.studies, subject_column=args.subject_column, policy=policy)
+        studies = shard_studies(studies, args.shard)
+        out = args.out if args.shard.whole else shard_file(args.out, args.shard)
         labels = build_study_labels(
             dataset,
             studies,
@@ -227,14 +253,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         description = write_study_labels(
             labels,
-            args.out,
+            out,
             tasks=tasks,
             phenotypes=phenotypes,
             window_days=tuple(args.window_days),
             num_bins=args.num_bins,
             dropped_events=dataset.dropped,
         )
-        _print_summary(description, time.perf_counter() - started, args.out)
+        _print_summary(description, time.perf_counter() - started, out)
         return 0
     except Fm3dError as error:
         print(f"fm3d ehr {args.command}: {error}", file=sys.stderr)

@@ -21,20 +21,10 @@ from pathlib import Path
 from fm3d.cli import summary_line
 from fm3d.cli_errors import report
 from fm3d.errors import Fm3dError
+from fm3d.sharding import WHOLE, parse_shard
 from fm3d.text import LONG_REPORTS, POOLINGS
 
 PROG = "fm3d text-cache"
-
-
-def _shard(value: str) -> tuple[int, int]:
-    index, _, count = value.partition("/")
-    try:
-        shard = int(index), int(count)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected I/N (e.g. 0/4), got {value!r}") from None
-    if not 0 <= shard[0] < shard[1]:
-        raise argparse.ArgumentTypeError(f"shard {value} does not exist: I must be in 0..N-1")
-    return shard
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,7 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--batch-size", type=int, default=32, help="reports per forward pass (default 32)")
     build.add_argument(
-        "--shard", type=_shard, default=(0, 1), metavar="I/N", help="build shard I of N (default 0/1: all)"
+        "--shard",
+        type=parse_shard,
+        default=WHOLE,
+        metavar="I/N",
+        help="build shard I of N (default 0/1: all)",
     )
     build.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     build.add_argument(
@@ -117,11 +111,15 @@ def _build(args: argparse.Namespace) -> int:
         prefix=args.prefix,
         long_reports=args.long_reports,
     )
-    index, count = args.shard
-    shard = f" (shard {index}/{count})" if count > 1 else ""
+    shard = "" if args.shard.whole else f" (shard {args.shard})"
     print(f"{PROG}: {len(texts)} reports from {args.reports}{shard}", flush=True)
     stats = build_text_cache(
-        tower, texts, args.out, batch_size=args.batch_size, shard=args.shard, progress=not args.no_progress
+        tower,
+        texts,
+        args.out,
+        batch_size=args.batch_size,
+        shard=(args.shard.index, args.shard.count),
+        progress=not args.no_progress,
     )
     rate = stats.embedded / stats.seconds if stats.seconds > 0 else 0.0
     print(

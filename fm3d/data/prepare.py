@@ -6,6 +6,10 @@ a temporary name and renamed into place, and a study counts as done only once it
 entry (`fm3d.data.journal`, itself renamed into place after the arrays) exists, so a killed run
 leaves nothing half-written and a re-run continues where it stopped.
 
+`--shard i/n` prepares one of n disjoint parts of the manifest into a folder of its own and
+`--merge` folds the parts into one cache (`fm3d.data.prepare_shards`; slurm/prepare.sbatch runs
+the parts as an array job).
+
 One bad study never stops the batch: every per-study step, its journal entry included, runs
 inside the study's error handling, and a worker process killed mid-study (the OOM killer)
 fails that study only (`fm3d.data.workers`). One run at a time writes into an output folder
@@ -41,9 +45,11 @@ from fm3d.data.errors import CacheError, ManifestError, SettingsError
 from fm3d.data.limits import DEFAULT_MAX_ARRAY_BYTES, ReadLimits
 from fm3d.data.lock import output_lock
 from fm3d.data.manifest import load_manifest
+from fm3d.data.prepare_shards import merge_shards, shard_folder, shard_manifest
 from fm3d.data.study import StudyTask, failed_row, prepare_study, untouched
 from fm3d.data.workers import run_in_processes
 from fm3d.errors import Fm3dError
+from fm3d.sharding import WHOLE, Shard, parse_shard
 from fm3d.spec import InputSpec, InputSpecError
 from fm3d.train.progress import progress as progress_lines
 
@@ -61,8 +67,12 @@ def prepare_cache(
     series_uid_column: str | None = None,
     progress: bool = True,
     limits: ReadLimits | None = None,
+    shard: Shard = WHOLE,
 ) -> dict[str, int]:
     """Prepare every study of a manifest into `out`; returns counts {prepared, skipped, failed}.
+
+    With `shard` (i of n), only the studies of that shard, into `out/shards/<i>-of-<n>/`; merge
+    the finished shards with `merge_prepared_shards`.
 
     Raises `OutputLockedError` when another run is writing into `out`, `ManifestError` for an
     unusable manifest and `CacheError` for an `out` that cannot be a folder; study failures are
@@ -78,11 +88,28 @@ def prepare_cache(
     )
     label_names = _label_names(Path(manifest_path).parent / LABEL_NAMES_FILE)
     _make_folder(out)
-    with output_lock(out):
-        counts = _prepare_locked(manifest, out, spec, limits, workers, progress)
+    target = out if shard.whole else shard_folder(out, shard)
+    target.mkdir(parents=True, exist_ok=True)
+    with output_lock(target):
+        counts = _prepare_locked(shard_manifest(manifest, shard), target, spec, limits, workers, progress)
         if label_names is not None:
-            atomic.write_json(out / LABEL_NAMES_FILE, label_names)
+            atomic.write_json(target / LABEL_NAMES_FILE, label_names)
     return counts
+
+
+def merge_prepared_shards(
+    manifest_path: str | Path, out: str | Path, *, series_uid_column: str | None = None
+) -> dict[str, int]:
+    """Fold the shards `prepare_cache(..., shard=...)` wrote into one cache in `out`; {shards, ok, failed}.
+
+    The result is the cache one unsharded run writes: the same arrays and the same index rows in
+    manifest order (each array keeps the mtime its shard gave it).
+    """
+    manifest = load_manifest(
+        manifest_path, series_uid_column=series_uid_column, reserved=journal.INDEX_SCHEMA
+    )
+    label_names = _label_names(Path(manifest_path).parent / LABEL_NAMES_FILE)
+    return merge_shards(manifest, Path(out), label_names)
 
 
 def _make_folder(out: Path) -> None:
@@ -249,6 +276,20 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let a detached NRRD header (.nhdr) read a data file outside its own folder",
     )
+    split = parser.add_mutually_exclusive_group()
+    split.add_argument(
+        "--shard",
+        type=parse_shard,
+        default=WHOLE,
+        metavar="I/N",
+        help="prepare only shard I of N (studies split by a hash of study_id) into OUT/shards/; "
+        "for SLURM array tasks (slurm/prepare.sbatch)",
+    )
+    split.add_argument(
+        "--merge",
+        action="store_true",
+        help="fold the finished shards in OUT/shards into OUT (same --manifest as the shards)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -273,31 +314,50 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
     try:
-        spec, limits = _checked(args)
-        counts = prepare_cache(
-            args.manifest,
-            args.out,
-            spec=spec,
-            workers=args.workers,
-            series_uid_column=args.series_uid_column,
-            progress=not args.no_progress,
-            limits=limits,
-        )
+        return _merge(args, start) if args.merge else _prepare(args, start)
     except Fm3dError as exc:
         print(f"fm3d prepare: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # e.g. the disk filled up while writing the index
         print(f"fm3d prepare: {exc.filename or args.out}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    elapsed = time.perf_counter() - start
-    print(
-        f"fm3d prepare: {counts['prepared']} prepared, {counts['skipped']} skipped (up to date), "
-        f"{counts['failed']} failed in {elapsed:.1f} s -> {args.out / INDEX_FILE}"
+
+
+def _prepare(args: argparse.Namespace, start: float) -> int:
+    spec, limits = _checked(args)
+    counts = prepare_cache(
+        args.manifest,
+        args.out,
+        spec=spec,
+        workers=args.workers,
+        series_uid_column=args.series_uid_column,
+        progress=not args.no_progress,
+        limits=limits,
+        shard=args.shard,
     )
-    if counts["failed"]:
+    folder = args.out if args.shard.whole else shard_folder(args.out, args.shard)
+    part = "" if args.shard.whole else f"shard {args.shard}: "
+    print(
+        f"fm3d prepare: {part}{counts['prepared']} prepared, {counts['skipped']} skipped (up to date), "
+        f"{counts['failed']} failed in {time.perf_counter() - start:.1f} s -> {folder / INDEX_FILE}"
+    )
+    return _failures(counts["failed"], folder)
+
+
+def _merge(args: argparse.Namespace, start: float) -> int:
+    counts = merge_prepared_shards(args.manifest, args.out, series_uid_column=args.series_uid_column)
+    print(
+        f"fm3d prepare: merged {counts['shards']} shards in {time.perf_counter() - start:.1f} s: "
+        f"{counts['ok']} studies ready, {counts['failed']} failed -> {args.out / INDEX_FILE}"
+    )
+    return _failures(counts["failed"], args.out)
+
+
+def _failures(failed: int, folder: Path) -> int:
+    """Exit status 1, naming where the errors are, when any study failed; else 0."""
+    if failed:
         print(
-            f"fm3d prepare: {counts['failed']} studies failed; "
-            f"see {args.out / FAILURES_FILE} for their errors",
+            f"fm3d prepare: {failed} studies failed; see {folder / FAILURES_FILE} for their errors",
             file=sys.stderr,
         )
         return 1
