@@ -19,6 +19,7 @@ import fm3d
 from fm3d.clip import ClipModel, save_clip
 from fm3d.models.registry import encoder_from_config
 from fm3d.train.checkpoints import best_checkpoint
+from fm3d.train.fsdp import gathered_state_dict, read_checkpoint_state
 from fm3d.train.tracking import log_artifacts
 
 logger = logging.getLogger(__name__)
@@ -47,12 +48,12 @@ class ExportEncoder(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         best = best_checkpoint(trainer)
         if best is None:
-            state = trainer.strategy.lightning_module_state_dict()  # collective under FSDP
+            state = gathered_state_dict(trainer)  # collective under FSDP
             source = {"checkpoint": None, "epoch": trainer.current_epoch, "step": trainer.global_step}
         if not trainer.is_global_zero:
             return
         if best is not None:
-            state = torch.load(best.path, map_location="cpu", weights_only=True)["state_dict"]
+            state = read_checkpoint_state(best.path)  # a file, or a folder of shards under FSDP2
             source = {
                 "checkpoint": str(best.path.resolve()),
                 "monitor": best.monitor,

@@ -14,6 +14,7 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import asdict
+from functools import partial
 
 import lightning.pytorch as pl
 import numpy as np
@@ -24,6 +25,7 @@ import fm3d
 from fm3d.io import CKPT_CONFIG_KEY
 from fm3d.models.encoder import EncoderOutput
 from fm3d.spec import InputSpec
+from fm3d.train.fsdp import FSDP2Strategy, gradient_norm, shard_module
 from pretrain.data_contract import PretrainConfigError, check_data_module, spec_overrides
 from pretrain.objectives.base import Objective
 from pretrain.optim import OptimizerSettings, build_optimizer
@@ -189,6 +191,20 @@ class PretrainModule(pl.LightningModule):
         for objective in self.objectives.values():
             objective.on_train_batch_start(self.global_step, self.max_steps)
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log the gradient norm of the encoder and of each objective (before clipping).
+
+        The first sign of a diverging run, and the same figure under DDP and FSDP2 (whose
+        gradients are shards: `gradient_norm` reduces them). On logging steps only.
+        """
+        if self.global_step % self.trainer.log_every_n_steps:
+            return
+        parts = {"encoder": self.encoder, **self.objectives}
+        for name, module in parts.items():
+            norm = gradient_norm(module)
+            if norm is not None:
+                self.log(f"train/grad_norm/{name}", norm, on_step=True, on_epoch=False, batch_size=1)
+
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
         # EMA teachers (VoCo, DINO) follow their students after each optimizer step.
         for objective in self.objectives.values():
@@ -243,6 +259,28 @@ class PretrainModule(pl.LightningModule):
             if objective.exported_encoder_prefix is not None:
                 return f"objectives.{name}.{objective.exported_encoder_prefix}"
         return "encoder."
+
+    def configure_model(self) -> None:
+        """Under `FSDP2Strategy`, shard the encoder's blocks, the text tower's layers and the heads.
+
+        Lightning calls this once the process group exists and before the optimizer is built,
+        so the optimizer holds only this rank's shards.
+        """
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if not isinstance(strategy, FSDP2Strategy):
+            return
+        shard = partial(
+            shard_module,
+            mesh=strategy.data_parallel_mesh,
+            mixed_precision=strategy.mixed_precision,
+            reshard_after_forward=strategy.reshard_after_forward,
+        )
+        # The units are what a step calls: the encoder, and each objective (forward, plus the
+        # hooks that run its heads or its own encoder copy).
+        units = shard(self.encoder)
+        for objective in self.objectives.values():
+            units += shard(objective, extra_forward_methods=("encode", "update_validation"))
+        logger.info("FSDP2: %d sharded units over %d ranks", units, strategy.world_size)
 
     def configure_optimizers(self):
         optimizer, scheduler = build_optimizer(self, self.optimizer_settings, self.max_steps)

@@ -177,6 +177,11 @@ class StudyDataModule(L.LightningDataModule):
             collate_fn=collate_samples,
             persistent_workers=settings.persistent_workers and workers > 0,
             pin_memory=settings.pin_memory and torch.cuda.is_available(),
+            # Its own generator: each epoch's iterator draws the workers' base seed from it, not from
+            # the global RNG the model's dropout uses. Else a resumed run's dropout masks would
+            # depend on whether the strategy restores the RNG before or after the first iterator
+            # exists (FSDP2 restores after setup, DDP before). Samples are seeded per position anyway.
+            generator=torch.Generator().manual_seed(settings.seed),
         )
 
     def train_dataloader(self) -> DataLoader:

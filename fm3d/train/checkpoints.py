@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINTS_DIR = "checkpoints"
 LAST = "last"
 BEST = "best"
+DISTRIBUTED_METADATA = "meta.pt"  # Lightning's name for the non-tensor part of a sharded checkpoint
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -73,7 +74,9 @@ class BestInfo:
     def _position(self) -> tuple[int, int]:
         import torch
 
-        state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+        # A distributed checkpoint (FSDP2) is a folder whose meta.pt holds the loop state.
+        source = self.path / DISTRIBUTED_METADATA if self.path.is_dir() else self.path
+        state = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
         return int(state["epoch"]), int(state["global_step"])
 
     @property

@@ -206,7 +206,7 @@ class RunCLI(LightningCLI):
         config.trainer.default_root_dir = str(run_dir)
         if ckpt_path == "last":
             last = run_dir / CHECKPOINTS_DIR / f"{LAST}.ckpt"
-            if not last.is_file():
+            if not last.exists():  # a file, or a folder of shards (FSDP2's distributed checkpoint)
                 raise RunFolderError(f"--ckpt_path last: {last} does not exist; nothing to resume")
             config.ckpt_path = str(last)
         # Processes Lightning spawns itself (DDP on one node) re-run this command: same folder.
@@ -274,7 +274,7 @@ class RunCLI(LightningCLI):
         )
         if self.subcommand == "fit":
             last = run_dir / CHECKPOINTS_DIR / f"{LAST}.ckpt"
-            summary.last = last if last.is_file() else None
+            summary.last = last if last.exists() else None
             best = best_checkpoint(trainer)
             if best is not None:
                 summary.best = (

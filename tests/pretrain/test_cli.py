@@ -142,7 +142,7 @@ def test_ckpt_path_last_resumes_the_newest_run(finished_run: Path, demo_cohort, 
 @pytest.mark.parametrize(
     "name", ["demo", "demo_all", "voco", "clip", "merlin", "full", "dino", "mae", "dino_clip_tte"]
 )
-@pytest.mark.parametrize("preset", ["cpu", "gpu", "multinode"])
+@pytest.mark.parametrize("preset", ["cpu", "gpu", "multinode", "multinode+fsdp2"])
 def test_shipped_configs_compose_and_print(name: str, preset: str, capsys) -> None:
     import yaml
 
@@ -151,8 +151,11 @@ def test_shipped_configs_compose_and_print(name: str, preset: str, capsys) -> No
         "fit",
         "--config",
         str(REPO / "conf" / "pretrain" / f"{name}.yaml"),
-        "--config",
-        str(REPO / "conf" / "trainer" / f"{preset}.yaml"),
+        *[
+            arg
+            for part in preset.split("+")
+            for arg in ("--config", str(REPO / "conf" / "trainer" / f"{part}.yaml"))
+        ],
         "--data.cache_dir",
         "somewhere",
         "--print_config",
@@ -162,7 +165,15 @@ def test_shipped_configs_compose_and_print(name: str, preset: str, capsys) -> No
     assert exit_info.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["data"]["cache_dir"] == "somewhere"
-    assert printed["trainer"]["strategy"] == ("ddp" if preset != "cpu" else "auto")
+    strategy = printed["trainer"]["strategy"]
+    if preset.endswith("fsdp2"):
+        assert strategy["class_path"] == "fm3d.train.fsdp.FSDP2Strategy"
+        assert (
+            strategy["init_args"]["mixed_precision"] == "bf16"
+            and printed["trainer"]["precision"] == "32-true"
+        )
+    else:
+        assert strategy == ("ddp" if preset != "cpu" else "auto")
     assert set(printed["model"]["objectives"]) <= {"voco", "clip", "phenotype", "tte", "dino", "mae"}
 
 
