@@ -4,7 +4,8 @@
 
     ROOT/index.parquet            one row per study (schema below)
     ROOT/studies/<study_id>.npy   int16 HU, [D, H, W] = (z, y, x) of the RAS-canonical volume
-    ROOT/labels/<study_id>.npy    optional label map on the same grid (integer dtype)
+                                  (or <study_id>.b2nd, chunked and compressed: fm3d.data.cache_formats)
+    ROOT/labels/<study_id>.npy    optional label map on the same grid (integer dtype; or .b2nd)
     ROOT/failures.parquet         studies that could not be prepared (study_id, source, error)
     ROOT/labels.json              optional {label value: name}, copied from beside the manifest
 
@@ -16,8 +17,9 @@ settings (JSON: the spec's `target_spacing_mm` and `hu_window`, and the series c
 back as `PreparedCache.input_spec`), record (JSON preprocessing record, see
 `fm3d.data.preprocess.PreprocessRecord`), plus every extra manifest column.
 
-Images come back as read-only memory maps, so a dataset that crops before copying only
-touches the slab it reads.
+Images come back as arrays read on slicing, whatever the study's format (its file's suffix): a
+read-only memory map of a `.npy`, or a `CompressedVolume` of a `.b2nd` that decompresses only
+the chunks a slice touches. So a dataset that crops before copying only reads the slab it needs.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from fm3d.data.cache_formats import VolumeArray, open_array
 from fm3d.data.errors import CacheError
 from fm3d.spec import InputSpec, InputSpecError
 
@@ -61,8 +64,8 @@ INDEX_COLUMNS: tuple[str, ...] = (
 class PreparedCache:
     """A folder written by `fm3d prepare`, opened for reading.
 
-    `index` holds only usable studies (status == "ok"); `image` and `label` return
-    memory maps of the stored arrays, never copies.
+    `index` holds only usable studies (status == "ok"); `image` and `label` return arrays
+    that read voxels only when sliced (`fm3d.data.cache_formats`), never copies.
     """
 
     def __init__(self, root: str | Path) -> None:
@@ -112,12 +115,12 @@ class PreparedCache:
                 f"({len(self)} studies; see {FAILURES_FILE} for those that failed)"
             ) from None
 
-    def image(self, study_id: str) -> np.ndarray:
-        """The study's int16 HU volume [D, H, W] as a read-only memory map."""
+    def image(self, study_id: str) -> VolumeArray:
+        """The study's int16 HU volume [D, H, W], sliced on read (a memory map or a `CompressedVolume`)."""
         return self._load(self.row(study_id)["image_file"])
 
-    def label(self, study_id: str) -> np.ndarray | None:
-        """The study's label map [D, H, W] as a read-only memory map, or None without one."""
+    def label(self, study_id: str) -> VolumeArray | None:
+        """The study's label map [D, H, W], sliced on read as `image`, or None without one."""
         label_file = self.row(study_id)["label_file"]
         return None if label_file is None else self._load(label_file)
 
@@ -161,16 +164,8 @@ class PreparedCache:
         """The preprocessing record (JSON-decoded) that `invert_preprocessing` needs."""
         return json.loads(self.row(study_id)["record"])
 
-    def _load(self, relative: str) -> np.ndarray:
-        path = self.root / relative
-        try:
-            return np.load(path, mmap_mode="r")
-        except FileNotFoundError:
-            raise CacheError(
-                path, "is listed in the index but missing", "re-run `fm3d prepare` on this folder"
-            ) from None
-        except ValueError as exc:
-            raise CacheError(path, f"is not a readable .npy file ({exc})", "re-run `fm3d prepare`") from exc
+    def _load(self, relative: str) -> VolumeArray:
+        return open_array(self.root / relative)
 
 
 def recorded_settings(spec: InputSpec) -> dict[str, list[float]]:

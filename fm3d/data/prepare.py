@@ -6,6 +6,9 @@ a temporary name and renamed into place, and a study counts as done only once it
 entry (`fm3d.data.journal`, itself renamed into place after the arrays) exists, so a killed run
 leaves nothing half-written and a re-run continues where it stopped.
 
+`--format blosc2` writes chunked, compressed `.b2nd` arrays instead (`fm3d.data.cache_formats`),
+and `--convert FORMAT` rewrites an existing cache's arrays in another format (`fm3d.data.convert`).
+
 `--shard i/n` prepares one of n disjoint parts of the manifest into a folder of its own and
 `--merge` folds the parts into one cache (`fm3d.data.prepare_shards`; slurm/prepare.sbatch runs
 the parts as an array job).
@@ -32,6 +35,7 @@ from typing import Any
 
 import polars as pl
 
+from fm3d.cli_errors import report
 from fm3d.data import atomic, journal
 from fm3d.data.cache import (
     FAILURES_FILE,
@@ -41,6 +45,8 @@ from fm3d.data.cache import (
     STUDIES_DIR,
     recorded_settings,
 )
+from fm3d.data.cache_formats import CACHE_FORMATS, NPY
+from fm3d.data.convert import convert_cache
 from fm3d.data.errors import CacheError, ManifestError, SettingsError
 from fm3d.data.limits import DEFAULT_MAX_ARRAY_BYTES, ReadLimits
 from fm3d.data.lock import output_lock
@@ -68,8 +74,12 @@ def prepare_cache(
     progress: bool = True,
     limits: ReadLimits | None = None,
     shard: Shard = WHOLE,
+    cache_format: str = NPY,
 ) -> dict[str, int]:
     """Prepare every study of a manifest into `out`; returns counts {prepared, skipped, failed}.
+
+    `cache_format` ("npy" or "blosc2": `fm3d.data.cache_formats`) is the format of the arrays
+    this run writes; studies already up to date keep theirs (`convert_cache` converts them).
 
     With `shard` (i of n), only the studies of that shard, into `out/shards/<i>-of-<n>/`; merge
     the finished shards with `merge_prepared_shards`.
@@ -82,6 +92,8 @@ def prepare_cache(
     limits = limits or ReadLimits()
     if workers < 1:
         raise SettingsError(f"workers must be at least 1, got {workers}")
+    if cache_format not in CACHE_FORMATS:
+        raise SettingsError(f"unknown cache format {cache_format!r}; choose one of {list(CACHE_FORMATS)}")
     out = Path(out)
     manifest = load_manifest(
         manifest_path, series_uid_column=series_uid_column, reserved=journal.INDEX_SCHEMA
@@ -91,7 +103,9 @@ def prepare_cache(
     target = out if shard.whole else shard_folder(out, shard)
     target.mkdir(parents=True, exist_ok=True)
     with output_lock(target):
-        counts = _prepare_locked(shard_manifest(manifest, shard), target, spec, limits, workers, progress)
+        counts = _prepare_locked(
+            shard_manifest(manifest, shard), target, spec, limits, workers, progress, cache_format
+        )
         if label_names is not None:
             atomic.write_json(target / LABEL_NAMES_FILE, label_names)
     return counts
@@ -131,6 +145,7 @@ def _prepare_locked(
     limits: ReadLimits,
     workers: int,
     progress: bool,
+    cache_format: str,
 ) -> dict[str, int]:
     for folder in _OUTPUT_DIRS:
         (out / folder).mkdir(exist_ok=True)
@@ -153,6 +168,7 @@ def _prepare_locked(
                 row.get("series_uid"),
                 task_settings,
                 known.get(row["study_id"]),
+                cache_format,
             )
         )
 
@@ -237,9 +253,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--manifest",
-        required=True,
         type=Path,
-        help="CSV or parquet with study_id, image_path (+ optional patient_id, label_path, ...)",
+        help="CSV or parquet with study_id, image_path (+ optional patient_id, label_path, ...); "
+        "required except with --convert",
     )
     parser.add_argument("--out", required=True, type=Path, help="cache folder (created; reused on re-runs)")
     parser.add_argument(
@@ -259,6 +275,14 @@ def _parser() -> argparse.ArgumentParser:
         help="HU range kept; values outside are clipped (default: -1000 1000)",
     )
     parser.add_argument("--workers", type=int, default=1, help="parallel processes (default: 1)")
+    parser.add_argument(
+        "--format",
+        choices=CACHE_FORMATS,
+        default=NPY,
+        dest="cache_format",
+        help="array format of the studies this run writes: npy (memory-mapped) or blosc2 (chunked, "
+        "zstd-compressed .b2nd, about 0.4x the bytes); prepared studies keep theirs (default: npy)",
+    )
     parser.add_argument(
         "--series-uid-column",
         default=None,
@@ -290,6 +314,19 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fold the finished shards in OUT/shards into OUT (same --manifest as the shards)",
     )
+    split.add_argument(
+        "--convert",
+        choices=CACHE_FORMATS,
+        metavar="FORMAT",
+        help=f"rewrite the prepared cache's arrays in FORMAT ({', '.join(CACHE_FORMATS)}): in place in OUT, "
+        "or from --source into OUT; resumable, no manifest needed",
+    )
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=None,
+        help="with --convert: the cache to convert into OUT (default: OUT itself, in place)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -311,9 +348,15 @@ def _checked(args: argparse.Namespace) -> tuple[InputSpec, ReadLimits]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `fm3d prepare`: 0 when every study is ready, 1 when some failed, 2 on usage errors."""
     args = _parser().parse_args(argv)
+    if args.convert is None and args.manifest is None:
+        return report("fm3d prepare", "--manifest is required (only --convert works without one)")
+    if args.source is not None and args.convert is None:
+        return report("fm3d prepare", "--source names the cache to convert; add --convert FORMAT")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
     try:
+        if args.convert is not None:
+            return _convert(args, start)
         return _merge(args, start) if args.merge else _prepare(args, start)
     except Fm3dError as exc:
         print(f"fm3d prepare: {exc}", file=sys.stderr)
@@ -334,6 +377,7 @@ def _prepare(args: argparse.Namespace, start: float) -> int:
         progress=not args.no_progress,
         limits=limits,
         shard=args.shard,
+        cache_format=args.cache_format,
     )
     folder = args.out if args.shard.whole else shard_folder(args.out, args.shard)
     part = "" if args.shard.whole else f"shard {args.shard}: "
@@ -349,6 +393,17 @@ def _merge(args: argparse.Namespace, start: float) -> int:
     print(
         f"fm3d prepare: merged {counts['shards']} shards in {time.perf_counter() - start:.1f} s: "
         f"{counts['ok']} studies ready, {counts['failed']} failed -> {args.out / INDEX_FILE}"
+    )
+    return _failures(counts["failed"], args.out)
+
+
+def _convert(args: argparse.Namespace, start: float) -> int:
+    source = args.source or args.out
+    counts = convert_cache(source, args.convert, args.out, progress=not args.no_progress)
+    print(
+        f"fm3d prepare: {counts['converted']} studies converted to {args.convert}, {counts['skipped']} "
+        f"already {args.convert}, {counts['failed']} failed in {time.perf_counter() - start:.1f} s "
+        f"-> {args.out / INDEX_FILE}"
     )
     return _failures(counts["failed"], args.out)
 

@@ -3,8 +3,9 @@
 Up to date means the same settings, the same bytes in every source file the study reads
 (`fm3d.data.io.source_files`: a detached NRRD's data file, every DICOM file of the series), and
 output arrays that are still exactly what was written (header, size, mtime), so a truncated,
-replaced or stale `.npy` is redone by re-running. Everything a study does, its journal entry
-included, is inside its error handling: a bad study becomes a "failed" row, never an exception.
+replaced or stale array (`.npy` or `.b2nd`: `fm3d.data.cache_formats`) is redone by re-running.
+Everything a study does, its journal entry included, is inside its error handling: a bad study
+becomes a "failed" row, never an exception.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 
 from fm3d.data import atomic, journal
 from fm3d.data.cache import LABELS_DIR, STUDIES_DIR
+from fm3d.data.cache_formats import NPY, array_file, array_intact, save_array
 from fm3d.data.io import read_label, read_volume, source_files
 from fm3d.data.limits import ReadLimits
 from fm3d.data.preprocess import preprocess
@@ -35,6 +37,8 @@ class StudyTask:
     series_uid: str | None
     settings: str  # JSON: preprocessing settings + series choice; a change re-prepares the study
     previous: dict[str, Any] | None
+    # Of the arrays this run writes; an up-to-date study keeps the format it has (`fm3d prepare --convert`).
+    cache_format: str = NPY
 
 
 def prepare_study(
@@ -61,7 +65,7 @@ def prepare_study(
             and previous.get("label_hash") == row["label_hash"]
             and _up_to_date(previous, task, out)
         ):
-            output_stat = _output_stat(out, _outputs(previous))  # recorded afresh for rows that lack it
+            output_stat = output_stat_of(out, _outputs(previous))  # recorded afresh for rows that lack it
             row, outcome = (
                 {**previous, "source_stat": row["source_stat"], "output_stat": output_stat},
                 "skipped",
@@ -132,8 +136,8 @@ def _up_to_date(previous: dict[str, Any], task: StudyTask, out: Path) -> bool:
         and previous.get("settings") == task.settings
         and previous.get("source_path") == task.image_path
         and previous.get("label_path") == task.label_path
-        and all(atomic.npy_intact(out / f, tuple(previous["shape"])) for f in _outputs(previous))
-        and previous.get("output_stat") in (None, _output_stat(out, _outputs(previous)))
+        and all(array_intact(out / f, tuple(previous["shape"])) for f in _outputs(previous))
+        and previous.get("output_stat") in (None, output_stat_of(out, _outputs(previous)))
     )
 
 
@@ -141,7 +145,7 @@ def _outputs(row: dict[str, Any]) -> list[str]:
     return [row["image_file"]] + ([row["label_file"]] if row.get("label_file") else [])
 
 
-def _output_stat(out: Path, files: list[str]) -> str:
+def output_stat_of(out: Path, files: list[str]) -> str:
     """Size and mtime of the written arrays (relative names, so a moved cache stays valid)."""
     stats = [(f, (out / f).stat()) for f in files]
     return json.dumps([[f, st.st_size, st.st_mtime_ns] for f, st in stats])
@@ -151,12 +155,13 @@ def _prepare_arrays(task: StudyTask, out: Path, spec: InputSpec, limits: ReadLim
     volume = read_volume(task.image_path, series_uid=task.series_uid, limits=limits)
     label = read_label(task.label_path, limits=limits) if task.label_path else None
     prepared = preprocess(volume, spec, label=label, limits=limits)
-    image_file = f"{STUDIES_DIR}/{task.study_id}.npy"
-    atomic.save_npy(out / image_file, prepared.image)
+    image_file = array_file(STUDIES_DIR, task.study_id, task.cache_format)
+    save_array(out / image_file, prepared.image)
     label_file = None
     if prepared.label is not None:
-        label_file = f"{LABELS_DIR}/{task.study_id}.npy"
-        atomic.save_npy(out / label_file, prepared.label)
+        label_file = array_file(LABELS_DIR, task.study_id, task.cache_format)
+        save_array(out / label_file, prepared.label)
+    _remove_replaced(out, task.previous, [image_file, label_file])
     p1, p50, p99 = np.percentile(prepared.image, [1, 50, 99])
     record = prepared.record
     return {
@@ -169,5 +174,17 @@ def _prepare_arrays(task: StudyTask, out: Path, spec: InputSpec, limits: ReadLim
         "hu_p50": float(p50),
         "hu_p99": float(p99),
         "record": record.to_json(),
-        "output_stat": _output_stat(out, [image_file] + ([label_file] if label_file else [])),
+        "output_stat": output_stat_of(out, [image_file] + ([label_file] if label_file else [])),
     }
+
+
+def _remove_replaced(out: Path, previous: dict[str, Any] | None, written: list[str | None]) -> None:
+    """Delete the arrays of an earlier run that this one replaced under another name (another format).
+
+    Before the journal entry: a kill in between leaves a row naming a missing file, which the
+    next run finds not up to date and prepares again.
+    """
+    previous = previous or {}
+    for name in (previous.get("image_file"), previous.get("label_file")):
+        if name and name not in written:
+            (out / name).unlink(missing_ok=True)
