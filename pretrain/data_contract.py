@@ -37,10 +37,16 @@ def spec_overrides(encoder: str, overrides: dict, spec: InputSpec, config_type: 
 
     The family's config class is read from an encoder built on the meta device under a forked
     RNG: it costs no memory and draws no random numbers, so weight initialisation is unchanged.
+    A family whose constructor reads tensor values (MONAI's Swin calls `.item()`) cannot be
+    built on the meta device; it is built on the CPU instead, under the same forked RNG.
     """
     if config_type is None:
-        with torch.random.fork_rng(devices=[]), torch.device("meta"):
-            config_type = type(fm3d.create_encoder(encoder, **overrides).config)
+        with torch.random.fork_rng(devices=[]):
+            try:
+                with torch.device("meta"):
+                    config_type = type(fm3d.create_encoder(encoder, **overrides).config)
+            except (RuntimeError, NotImplementedError):
+                config_type = type(fm3d.create_encoder(encoder, **overrides).config)
     fields = {f.name for f in dataclasses.fields(config_type)}
     return {key: value for key, value in spec.to_dict().items() if key in fields and value is not None}
 

@@ -23,6 +23,8 @@ DDP's gradient averaging turns into the global-batch loss, as in DINOv2.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -39,8 +41,13 @@ def _all_reduce(x: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM
     return x
 
 
-def _no_autocast(x: torch.Tensor) -> torch.autocast:
-    """A context that turns autocast off on `x`'s device, so the maths below stays float32."""
+def _no_autocast(x: torch.Tensor) -> AbstractContextManager:
+    """A context that turns autocast off on `x`'s device, so the maths below stays float32.
+
+    A device without autocast (the meta device `fm3d pretrain plan` counts FLOPs on) needs none.
+    """
+    if not torch.amp.is_autocast_available(x.device.type):
+        return nullcontext()
     return torch.autocast(device_type=x.device.type, enabled=False)
 
 
