@@ -35,6 +35,7 @@ from fm3d.data.cache import PreparedCache
 from fm3d.data.collate import collate_samples
 from fm3d.data.errors import DataError
 from fm3d.data.split import SPLITS, split_studies
+from fm3d.data.streaming import open_cache
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,8 @@ class StudyDataModule(L.LightningDataModule):
 
     def __init__(self, cache_dir: str | Path, loader: LoaderSettings | None = None) -> None:
         super().__init__()
-        self.cache_dir = Path(cache_dir)
+        # A URL (a streaming pack in an object store) stays text: Path would fold its "//".
+        self.cache_dir = cache_dir if "://" in str(cache_dir) else Path(cache_dir)
         self.loader_settings = loader or LoaderSettings()
         self.cache: PreparedCache | None = None
         self.splits: dict[str, list[str]] = {}
@@ -113,7 +115,7 @@ class StudyDataModule(L.LightningDataModule):
         """Open the cache and split its eligible studies (once; later calls keep the split)."""
         if self.cache is not None:
             return
-        cache = PreparedCache(self.cache_dir)
+        cache = open_cache(self.cache_dir)
         settings = self.loader_settings
         eligible = self.eligible_studies(cache)
         index = cache.index.filter(pl.col("study_id").is_in(eligible))

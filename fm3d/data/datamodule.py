@@ -25,12 +25,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch.utils.data import DataLoader
 
 from fm3d.data.augment import AugmentConfig
 from fm3d.data.base import LoaderSettings, StudyDataModule
 from fm3d.data.cache import PreparedCache
 from fm3d.data.datasets import CTDataset, SampleSpec
 from fm3d.data.errors import DataError
+from fm3d.data.streaming import PackedCache, open_cache
+from fm3d.data.streaming_loader import ShardStream, StreamingLoader
 from fm3d.data.tables import DEFAULT_LABEL_COLUMNS, DEFAULT_REPORT_COLUMNS, LabelTable, ReportTable
 from fm3d.data.views import GlobalView, build_views, view_serving
 from fm3d.spec import InputSpec
@@ -149,7 +153,7 @@ class CTDataModule(StudyDataModule):
         """
         sizes = [view.image_size for view in self.spec.views if view.image_size is not None]
         global_sizes = [view.image_size for view in self.spec.views if isinstance(view, GlobalView)]
-        prepared = PreparedCache(self.cache_dir).input_spec if self.cache is None else self.cache.input_spec
+        prepared = open_cache(self.cache_dir).input_spec if self.cache is None else self.cache.input_spec
         return prepared.replace(
             hu_window=self.spec.hu_window,
             intensity_range=self.spec.intensity_range,
@@ -225,6 +229,19 @@ class CTDataModule(StudyDataModule):
                 "missing ones are embedded)",
             )
         return dict(zip(ids, cache.vectors(texts), strict=True))
+
+    def loader(self, split: str, batch_size: int | None = None) -> DataLoader:
+        """As `StudyDataModule.loader`; over a streaming pack, the training loader streams its shards.
+
+        Each rank and worker then reads shards of its own, and the loader's position travels in
+        checkpoints, so a preempted run resumes mid-epoch (`fm3d.data.streaming_loader`).
+        """
+        if split != "train" or not isinstance(self.cache, PackedCache):
+            return super().loader(split, batch_size)
+        settings = self.loader_settings
+        stream = ShardStream(self.dataset(split), batch_size or settings.batch_size, seed=settings.seed)
+        pin = settings.pin_memory and torch.cuda.is_available()
+        return StreamingLoader(stream, num_workers=settings.num_workers, pin_memory=pin)
 
     def dataset(self, split: str) -> CTDataset:
         """The split's samples; built once, so re-created loaders reuse them."""
