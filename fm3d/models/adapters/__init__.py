@@ -5,7 +5,8 @@ an fm3d export here; `load_peer_encoder` recognises the layout from the keys (or
 `format=`), rewrites the keys onto an fm3d family, and loads only when the whole encoder
 matches (see `matching`). Each peer module registers its format (`formats`), so a new one is a
 new file in this package. The loaded encoder's config holds the peer's input spec (spacing, HU
-window, intensity range, axis order, size) and `config.source` where the weights came from;
+window, intensity range, axis order, size; `specs.PEERS` holds each peer's, with its sources) and
+`config.source` where the weights came from;
 `encoder.peer_weights_report` holds the key counts. docs/peer-weights.md has the table.
 """
 

@@ -32,9 +32,11 @@ import torch
 from fm3d.models.adapters.formats import register_peer_format
 from fm3d.models.adapters.matching import PeerConversion, find_prefix
 from fm3d.models.adapters.monai_vit import ANCHOR, PERCEPTRON_PATCH, convert_vit
+from fm3d.models.adapters.specs import peer_preprocessing
 
 FORMAT = "m3d_clip"
-IMAGE_SIZE = (32, 256, 256)
+PREPROCESSING = peer_preprocessing(FORMAT)
+IMAGE_SIZE = PREPROCESSING.spec.image_size
 PATCH_SIZE = (4, 16, 16)
 EMBED_DIM = 768
 # Prefixes that only M3D writes in front of its MONAI ViT.
@@ -72,9 +74,8 @@ def convert(state: Mapping[str, torch.Tensor], path: Path) -> PeerConversion:
     conversion = convert_vit(
         state, path, format=FORMAT, num_heads=num_heads, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE
     )
-    conversion.config.update(axis_order="zyx", intensity_range=(0.0, 1.0))
+    conversion.config.update(PREPROCESSING.config_fields())
     conversion.source.update(
-        num_heads="embed_dim / 64 (M3DCLIPConfig: 768 / 12)",
-        spec_assumed=["target_spacing_mm", "hu_window"],
+        num_heads="embed_dim / 64 (M3DCLIPConfig: 768 / 12)", **PREPROCESSING.source_fields()
     )
     return conversion

@@ -26,8 +26,10 @@ import torch
 
 from fm3d.models.adapters.formats import register_peer_format
 from fm3d.models.adapters.matching import PeerConversion, PeerWeightsError, find_prefix, split_prefix
+from fm3d.models.adapters.specs import peer_preprocessing
 
 FORMAT = "merlin"
+PREPROCESSING = peer_preprocessing(FORMAT)
 ANCHOR = "layer1.0.conv1.weight"
 FEATURES_ANCHOR = "vision_model.features.0.weight"
 # Index of each module in the report-generation model's `features` Sequential.
@@ -106,15 +108,11 @@ def convert(state: Mapping[str, torch.Tensor], path: Path) -> PeerConversion:
         "in_chans": 1,
         "layers": tuple(blocks[s] for s in range(1, 5)),
         "base_width": stem.shape[0],
-        # Merlin's input spec in fm3d's axes (its kernels are transposed above): 1.5 x 1.5 x 3 mm
-        # (x, y, z), ScaleIntensityRanged -1000..1000 -> 0..1, a 224 x 224 x 160 (x, y, z) pad/crop.
-        "target_spacing_mm": (3.0, 1.5, 1.5),
-        "hu_window": (-1000.0, 1000.0),
-        "intensity_range": (0.0, 1.0),
-        "axis_order": "zyx",
-        "image_size": (160, 224, 224),
+        # Merlin's input spec in fm3d's axes (its kernels are transposed above), with its sources.
+        **PREPROCESSING.config_fields(),
     }
     source = {
+        **PREPROCESSING.source_fields(),
         "prefix": prefix,
         "kernels": "Merlin's (z, x, y) kernels transposed in-plane to fm3d's (z, y, x)",
         "input_channels": f"Merlin's {stem.shape[1]} replicated input channels folded into 1",

@@ -36,6 +36,7 @@ import torch
 
 from fm3d.models.adapters.formats import register_peer_format
 from fm3d.models.adapters.matching import PeerConversion, PeerWeightsError, find_prefix, split_prefix
+from fm3d.models.adapters.specs import peer_preprocessing
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +46,8 @@ CONV_PATCH = "patch_embedding.patch_embeddings.weight"
 PERCEPTRON_PATCH = "patch_embedding.patch_embeddings.1.weight"
 # MONAI LayerNorm default.
 MONAI_NORM_EPS = 1e-5
-# Input spec fields MONAI weights do not record: the config keeps fm3d's defaults for them.
-UNRECORDED_SPEC = ["target_spacing_mm", "hu_window", "intensity_range"]
+# MONAI's axis order; the spec fields MONAI weights do not record keep fm3d's defaults (`assumed`).
+PREPROCESSING = peer_preprocessing(FORMAT)
 
 # (peer pattern, fm3d replacement) for every tensor that is a plain renaming.
 _RENAMES = [
@@ -235,8 +236,8 @@ def convert_vit(
 def convert(state: Mapping[str, torch.Tensor], path: Path, **hints: Any) -> PeerConversion:
     """MONAI ViT or UNETR weights (`vit.` prefix or bare) -> vit3d; hints in the format's `hints`."""
     conversion = convert_vit(state, path, format=FORMAT, **hints)
-    conversion.config["axis_order"] = "xyz"
-    conversion.source["spec_assumed"] = list(UNRECORDED_SPEC)
+    conversion.config.update(PREPROCESSING.config_fields())
+    conversion.source.update(PREPROCESSING.source_fields())
     logger.warning(
         "%s: MONAI weights do not record the spacing, HU window or intensity range they were trained "
         "with; the encoder's input spec keeps fm3d's defaults for them (config.source['spec_assumed']).",

@@ -27,8 +27,10 @@ import torch
 
 from fm3d.models.adapters.formats import register_peer_format
 from fm3d.models.adapters.matching import PeerConversion, PeerWeightsError, find_prefix, split_prefix
+from fm3d.models.adapters.specs import peer_preprocessing
 
 FORMAT = "voco"
+PREPROCESSING = peer_preprocessing(FORMAT)
 ANCHOR = "patch_embed.proj.weight"
 # The names old MONAI self-supervised checkpoints use for MONAI's current `swinViT`.
 SWIN_NAMES = ("swinViT.", "swin_vit.")
@@ -115,15 +117,11 @@ def convert(state: Mapping[str, torch.Tensor], path: Path) -> PeerConversion:
         "mlp_ratio": (fc1.shape[0] / feature_size) if fc1 is not None else 4.0,
         "qkv_bias": "swinViT.layers1.0.blocks.0.attn.qkv.bias" in weights,
         "use_v2": any(key.startswith("swinViT.layers1c.") for key in weights),
-        # VoCo's input spec: Spacingd 1.5 mm, ScaleIntensityRanged -175..250 -> 0..1, MONAI's
-        # (x, y, z) axes, its 96^3 fine-tuning crop (any multiple of 32 per axis runs).
-        "target_spacing_mm": (1.5, 1.5, 1.5),
-        "hu_window": (-175.0, 250.0),
-        "intensity_range": (0.0, 1.0),
-        "axis_order": "xyz",
-        "image_size": (96, 96, 96),
+        # VoCo's input spec (MONAI's (x, y, z) axes, its 96^3 fine-tuning crop; any multiple of
+        # 32 per axis runs), with its sources.
+        **PREPROCESSING.config_fields(),
     }
-    source = {"prefix": prefix}
+    source = {**PREPROCESSING.source_fields(), "prefix": prefix}
     return PeerConversion(
         format=FORMAT,
         encoder_name=_NAMES.get(feature_size, "swin3d_base"),
