@@ -22,6 +22,7 @@ from ehr.label_shards import merge_label_shards, shard_file, shard_studies
 from ehr.labels import build_study_labels, write_study_labels
 from ehr.meds import MEDSDataset
 from ehr.studies import read_studies
+from ehr.subject_chunks import DEFAULT_MEMORY_BUDGET_MIB
 from ehr.validity import DROP_OPTION, YEARS_OPTION, ValidityPolicy
 from ehr.vocab import load_phenotypes, select_tasks
 from fm3d.atomic import write_text_atomic
@@ -139,6 +140,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="time bins for the suggested bin edges (default 8)",
     )
+    labels.add_argument(
+        "--memory-budget-mib",
+        type=float,
+        default=DEFAULT_MEMORY_BUDGET_MIB,
+        metavar="MIB",
+        help="label subjects in chunks of at most about this much memory (default %(default)g; "
+        "the labels do not depend on it)",
+    )
     split = labels.add_mutually_exclusive_group()
     split.add_argument(
         "--shard",
@@ -250,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             phenotypes,
             window_days=tuple(args.window_days),
             expand_parents=args.expand_parents,
+            memory_budget_mib=args.memory_budget_mib,
         )
         description = write_study_labels(
             labels,
