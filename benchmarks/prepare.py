@@ -58,19 +58,25 @@ def _run_measured(command: list[str]) -> tuple[float, float]:
     return wall, sum(cpu.values())
 
 
+def _copies_manifest(source: Path, studies: int, folder: Path) -> Path:
+    """A manifest listing `source` `studies` times under different study ids, written into `folder`."""
+    if not source.is_file():
+        raise FileNotFoundError(f"{source} is absent; the benchmark needs ../shared/data (see its README)")
+    manifest = folder / "manifest.csv"
+    ids = [f"study{i:03d}" for i in range(studies)]
+    pl.DataFrame({"study_id": ids, "patient_id": ids, "image_path": [str(source)] * studies}).write_csv(
+        manifest
+    )
+    return manifest
+
+
 def run_prepare_benchmark(
     source: Path = DEFAULT_CT, studies: int = 32, workers: tuple[int, ...] = (1, 2), repeats: int = 2
 ) -> list[dict[str, float]]:
     """Time `fm3d prepare` over `studies` copies of `source` for each worker count (best of `repeats`)."""
-    if not source.is_file():
-        raise FileNotFoundError(f"{source} is absent; the benchmark needs ../shared/data (see its README)")
     rows = []
     with tempfile.TemporaryDirectory(prefix="fm3d-prepare-bench-") as tmp:
-        manifest = Path(tmp) / "manifest.csv"
-        ids = [f"study{i:03d}" for i in range(studies)]
-        pl.DataFrame({"study_id": ids, "patient_id": ids, "image_path": [str(source)] * studies}).write_csv(
-            manifest
-        )
+        manifest = _copies_manifest(source, studies, Path(tmp))
         for n in workers:
             best: dict[str, float] | None = None
             for _ in range(repeats):
@@ -96,15 +102,9 @@ def run_array_benchmark(
     source: Path = DEFAULT_CT, studies: int = 32, tasks: tuple[int, ...] = (1, 2), repeats: int = 2
 ) -> list[dict[str, float]]:
     """N parallel `--shard i/N` runs + the merge over `studies` copies of `source` (best of `repeats`)."""
-    if not source.is_file():
-        raise FileNotFoundError(f"{source} is absent; the benchmark needs ../shared/data (see its README)")
     rows = []
     with tempfile.TemporaryDirectory(prefix="fm3d-prepare-array-") as tmp:
-        manifest = Path(tmp) / "manifest.csv"
-        ids = [f"study{i:03d}" for i in range(studies)]
-        pl.DataFrame({"study_id": ids, "patient_id": ids, "image_path": [str(source)] * studies}).write_csv(
-            manifest
-        )
+        manifest = _copies_manifest(source, studies, Path(tmp))
         for n in tasks:
             best: dict[str, float] | None = None
             for _ in range(repeats):
