@@ -10,6 +10,7 @@ cannot hide the others.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import sys
 from importlib.metadata import EntryPoint, entry_points
@@ -33,6 +34,18 @@ def summary_line(docstring: str | None) -> str:
     if first.startswith("`") and "`: " in first:
         first = first.split("`: ", 1)[1]
     return first[:1].upper() + first[1:]
+
+
+def command_parser(prog: str, docstring: str) -> argparse.ArgumentParser:
+    """The parser of a command module: its docstring's first line as the description and the
+    indented examples under it (up to the first blank line) as the epilog, shown as written."""
+    summary, examples = docstring.split("\n", 1)
+    return argparse.ArgumentParser(
+        prog=prog,
+        description=summary_line(summary),
+        epilog="examples:\n" + examples.strip("\n").split("\n\n", 1)[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def describe(command: EntryPoint) -> str:

@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fm3d.cli import summary_line
+from fm3d.cli import command_parser
 from fm3d.cli_errors import report
 from fm3d.errors import Fm3dError
 from fm3d.sharding import WHOLE, parse_shard
@@ -28,13 +28,7 @@ PROG = "fm3d text-cache"
 
 
 def _parser() -> argparse.ArgumentParser:
-    summary, examples = __doc__.split("\n", 1)
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description=summary_line(summary),
-        epilog="examples:\n" + examples.strip("\n").split("\n\n", 1)[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = command_parser(PROG, __doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{build,info}")
 
     about = "embed the reports a cache lacks and add them to it (resumable; shardable)"

@@ -90,11 +90,13 @@ class PreparedCache:
                 f"lacks the index columns {missing}",
                 "it was not written by `fm3d prepare`; re-run it into a fresh folder",
             )
-        self.index: pl.DataFrame = index.filter(pl.col("status") == "ok")
-        self.study_ids: list[str] = self.index["study_id"].to_list()
-        self._rows: dict[str, dict[str, Any]] = {
-            row["study_id"]: row for row in self.index.iter_rows(named=True)
-        }
+        self._adopt_index(index.filter(pl.col("status") == "ok"))
+
+    def _adopt_index(self, index: pl.DataFrame) -> None:
+        """Serve the studies of `index` (usable rows only); a cache read another way calls it too."""
+        self.index: pl.DataFrame = index
+        self.study_ids: list[str] = index["study_id"].to_list()
+        self._rows: dict[str, dict[str, Any]] = {row["study_id"]: row for row in index.iter_rows(named=True)}
 
     def __len__(self) -> int:
         return len(self.study_ids)

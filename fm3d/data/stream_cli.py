@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fm3d.cli import summary_line
+from fm3d.cli import command_parser
 from fm3d.cli_errors import report
 from fm3d.errors import Fm3dError
 
@@ -38,13 +38,7 @@ def _option(text: str) -> tuple[str, Any]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    summary, examples = __doc__.split("\n", 1)
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description=summary_line(summary),
-        epilog="examples:\n" + examples.strip("\n").split("\n\n", 1)[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = command_parser(PROG, __doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{pack,info}")
 
     about = "write a prepared cache's studies as N tar shards at a path or URL"

@@ -271,10 +271,7 @@ class PackedCache(PreparedCache):
         missing = [c for c in needed if c not in index.columns]
         if missing:
             raise PackError(index_url, f"lacks the columns {missing}", PACK_HINT)
-        # The attributes PreparedCache's methods read (row, shape, spacing, input_spec, ...).
-        self.index = index
-        self.study_ids = index["study_id"].to_list()
-        self._rows = {row["study_id"]: row for row in index.iter_rows(named=True)}
+        self._adopt_index(index)  # what PreparedCache's methods read (row, shape, spacing, input_spec, ...)
         self._handles: tuple[int, int, BinaryIO] | None = None  # (pid, shard, open file)
         self._checked: set[int] = set()
 

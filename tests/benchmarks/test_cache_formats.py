@@ -5,26 +5,12 @@ A smoke run: the figures are not asserted (timings vary with the machine), only 
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def test_quick_run_prints_bytes_and_speed_per_format():
-    done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "cache_formats.py"), "--quick"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_quick_run_prints_bytes_and_speed_per_format(quick_run):
+    stdout = quick_run("cache_formats")
     rows = [
         [cell.strip() for cell in line.split("|")[1:-1]]
-        for line in done.stdout.splitlines()
+        for line in stdout.splitlines()
         if line.startswith("| ")
     ]
     data = [row[0] for row in rows if row[0] != "data" and len(row) == 6]
@@ -38,4 +24,4 @@ def test_quick_run_prints_bytes_and_speed_per_format():
     views = ["VoCo-v2", "VoCo-v2 region read alone", "multi-crop, defaults", "multi-crop, crops only"]
     assert speed == [(view, f) for view in views for f in formats]
     assert all(row[3] == "1.00x" for row in rows if len(row) == 4 and row[1] == ".npy memmap")
-    assert "saved" not in done.stdout  # --quick never overwrites the docs page
+    assert "saved" not in stdout  # --quick never overwrites the docs page

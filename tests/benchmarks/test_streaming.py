@@ -5,26 +5,12 @@ A smoke run: the figures are not asserted (timings vary with the machine), only 
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def test_quick_run_prints_pack_time_and_speed_per_path():
-    done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "streaming.py"), "--quick"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_quick_run_prints_pack_time_and_speed_per_path(quick_run):
+    stdout = quick_run("streaming")
     rows = [
         [cell.strip() for cell in line.split("|")[1:-1]]
-        for line in done.stdout.splitlines()
+        for line in stdout.splitlines()
         if line.startswith("| ") and not line.startswith("| data")
     ]
     packs = [row for row in rows if len(row) == 6]
@@ -36,4 +22,4 @@ def test_quick_run_prints_pack_time_and_speed_per_path():
     assert [tuple(row[:3]) for row in speeds] == [(d, v, p) for d in datasets for v in views for p in paths]
     assert all(row[4] == "1.00x" for row in speeds if row[2] == ".npy memmap")
     assert all(float(row[3]) > 0 for row in speeds)
-    assert "saved" not in done.stdout  # --quick never overwrites the docs page
+    assert "saved" not in stdout  # --quick never overwrites the docs page

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from fm3d.cli import summary_line
+from fm3d.cli import command_parser
 from fm3d.cli_errors import did_you_mean, report
 from fm3d.data.public.registry import SPLIT_NAMES, dataset_names, get_adapter
 from fm3d.errors import Fm3dError
@@ -26,13 +26,7 @@ PROG = "fm3d datasets"
 
 
 def _parser() -> argparse.ArgumentParser:
-    summary, examples = __doc__.split("\n", 1)
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description=summary_line(summary),
-        epilog="examples:\n" + examples.strip("\n").split("\n\n", 1)[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = command_parser(PROG, __doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{list,manifest}")
     about = "list the datasets fm3d reads: what each writes, where to get it, its licence"
     commands.add_parser("list", help=about, description=about)
