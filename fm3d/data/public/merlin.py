@@ -137,12 +137,9 @@ class Merlin(DatasetAdapter):
         volumes = _volumes(volumes_dir, set(reports["study_id"]), layout)
         rows = []
         for study in reports.iter_rows(named=True):
-            study_id, split = study["study_id"], SPLITS.get((study["split"] or "").strip().lower())
+            study_id = study["study_id"]
+            split = layout.split_of(study_id, study["split"], SPLITS, splits, REPORT_SPLIT)
             if split is None:
-                layout.add_skipped(f"{REPORT_SPLIT} not one of {sorted(SPLITS)}", study_id)
-                continue
-            if splits is not None and split not in splits:
-                layout.add_skipped("split not in --split", study_id)
                 continue
             if study_id not in volumes:
                 layout.add_missing("volume", f"{VOLUMES_DIR}/{study_id}.nii.gz")

@@ -10,7 +10,7 @@ as encoder families and downstream tasks do, so adding a dataset never edits fm3
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -61,6 +61,24 @@ class LayoutReport:
 
     def add_skipped(self, reason: str, study_id: str) -> None:
         self.skipped.setdefault(reason, []).append(study_id)
+
+    def split_of(
+        self,
+        study_id: str,
+        published: str | None,
+        names: Mapping[str, str],
+        wanted: Collection[str] | None,
+        column: str,
+    ) -> str | None:
+        """fm3d's split of a study the publisher puts in split `published` (`names` maps publisher
+        names to fm3d's); None, recorded as skipped, for an unknown name or a split not `wanted`."""
+        split = names.get((published or "").strip().lower())
+        if split is None:
+            self.add_skipped(f"{column} not one of {sorted(names)}", study_id)
+        elif wanted is not None and split not in wanted:
+            self.add_skipped("split not in --split", study_id)
+            return None
+        return split
 
     def lines(self) -> list[str]:
         """The report as short lines for a terminal: counts and the first few names of each list."""

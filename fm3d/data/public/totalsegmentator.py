@@ -95,12 +95,9 @@ class TotalSegmentator(DatasetAdapter):
                 layout.unexpected.append(entry.name + ("/" if entry.is_dir() else ""))
         rows = []
         for subject in meta.iter_rows(named=True):
-            image_id, split = subject["image_id"], SPLITS.get(subject["split"].strip())
+            image_id = subject["image_id"]
+            split = layout.split_of(image_id, subject["split"], SPLITS, splits, "meta.csv split")
             if split is None:
-                layout.add_skipped(f"meta.csv split not one of {sorted(SPLITS)}", image_id)
-                continue
-            if splits is not None and split not in splits:
-                layout.add_skipped("split not in --split", image_id)
                 continue
             label = _merge_subject(root / image_id, out / LABELS_DIR / f"{image_id}.nii.gz", layout)
             if label is None:
